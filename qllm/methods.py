@@ -1,0 +1,96 @@
+"""Quantization methods: each maps (bits, settings) to an llmcompressor recipe, as plain data.
+
+A method is one YAML in conf/method/ (naming its function here in `recipe:`) plus one small function below.
+Recipes are dicts in llmcompressor's recipe format, so planning a cell needs no llmcompressor import, the recipe is
+hashed into the cell key, and it is logged to MLflow exactly as it was applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Recipe:
+    scheme: str  # human label, e.g. "W4A16 int g64 sym"
+    modifiers: dict[str, Any]  # {ModifierName: kwargs}, applied in order by llmcompressor
+    group_size: Optional[int] = None  # the group size that must divide every quantized layer's input width
+
+    def as_llmcompressor(self) -> dict[str, Any]:
+        return {"quant_stage": {"quant_modifiers": self.modifiers}}
+
+
+def _int_weights(bits: int, group_size: Optional[int], symmetric: bool, actorder: Optional[str] = None) -> dict:
+    w: dict[str, Any] = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False}
+    if group_size:
+        w.update(strategy="group", group_size=group_size)
+    else:
+        w.update(strategy="channel")
+    if actorder:
+        w["actorder"] = actorder
+    return w
+
+
+def _weight_only(bits: int, group_size: Optional[int], symmetric: bool, actorder: Optional[str] = None) -> dict:
+    return {"group_0": {"targets": ["Linear"], "weights": _int_weights(bits, group_size, symmetric, actorder)}}
+
+
+def _label(bits: int, group_size: Optional[int], symmetric: bool) -> str:
+    return f"W{bits}A16 int {'g' + str(group_size) if group_size else 'per-channel'} {'sym' if symmetric else 'asym'}"
+
+
+def none(bits: int, ignore: list[str]) -> Recipe:
+    return Recipe(scheme="unquantized", modifiers={})
+
+
+def rtn(bits: int, ignore: list[str], group_size: Optional[int], symmetric: bool = True) -> Recipe:
+    mod = {"ignore": list(ignore), "config_groups": _weight_only(bits, group_size, symmetric)}
+    return Recipe(_label(bits, group_size, symmetric), {"QuantizationModifier": mod}, group_size)
+
+
+def gptq(
+    bits: int,
+    ignore: list[str],
+    group_size: Optional[int],
+    symmetric: bool = True,
+    actorder: Optional[str] = "static",
+    dampening_frac: float = 0.01,
+    block_size: int = 128,
+) -> Recipe:
+    mod = {
+        "ignore": list(ignore),
+        "config_groups": _weight_only(bits, group_size, symmetric, actorder),
+        "dampening_frac": dampening_frac,
+        "block_size": block_size,
+    }
+    return Recipe(_label(bits, group_size, symmetric), {"GPTQModifier": mod}, group_size)
+
+
+def awq(
+    bits: int,
+    ignore: list[str],
+    group_size: Optional[int],
+    symmetric: bool = False,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+) -> Recipe:
+    # In llmcompressor 0.14 AWQ only rescales; the QuantizationModifier after it sets the scheme and quantizes.
+    modifiers = {
+        "AWQModifier": {"n_grid": n_grid, "duo_scaling": duo_scaling},
+        "QuantizationModifier": {"ignore": list(ignore), "config_groups": _weight_only(bits, group_size, symmetric)},
+    }
+    return Recipe(_label(bits, group_size, symmetric), modifiers, group_size)
+
+
+def smoothquant(bits: int, ignore: list[str], smoothing_strength: float = 0.8, dampening_frac: float = 0.01) -> Recipe:
+    modifiers = {
+        "SmoothQuantModifier": {"smoothing_strength": smoothing_strength},
+        "GPTQModifier": {"ignore": list(ignore), "targets": ["Linear"], "scheme": "W8A8", "dampening_frac": dampening_frac},
+    }
+    return Recipe("W8A8 int8 (per-channel weights, dynamic per-token activations)", modifiers)
+
+
+def fp8(bits: int, ignore: list[str]) -> Recipe:
+    mod = {"ignore": list(ignore), "targets": ["Linear"], "scheme": "FP8_DYNAMIC"}
+    return Recipe("W8A8 fp8 e4m3 (per-channel weights, dynamic per-token activations)", {"QuantizationModifier": mod})

@@ -1,0 +1,139 @@
+"""Entry point: `python -m qllm.run [overrides]` runs one cell; `-m` sweeps (one MLflow parent run per sweep).
+
+The Hydra job is the orchestrator: it plans the cell (validation, no weights), runs the quantize and evaluate stages
+in their own processes, and logs everything to MLflow. It imports no torch itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+import mlflow
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as _config  # noqa: F401  (registers the schema and resolvers)
+from . import stages, tracking
+from .cell import Cell, plan_cell
+from .errors import QllmConfigError
+
+
+def _print_summary(cell: Cell, results: dict, run_id: str, uri: str, quant: dict | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cell.name} · {cell.scheme}", title_justify="left")
+    for col in ("task", "metric", "value", "± stderr", "n", "shots"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for key, t in results["tasks"].items():
+        entry = cell.tasks[key]
+        primary = entry["metric"]
+        m = t["metrics"]
+        value, stderr = m.get(f"{primary},none"), m.get(f"{primary}_stderr,none")
+        table.add_row(key, primary, f"{value:.4f}" if isinstance(value, float) else str(value),
+                      f"{stderr:.4f}" if isinstance(stderr, float) else "n/a",
+                      str(t["n_samples"]["effective"]), str(entry["num_fewshot"]))
+    console = Console()
+    console.print(table)
+    if cell.model.get("note"):
+        console.print(f"model note: {cell.model['note']}")
+    if quant:
+        console.print(f"checkpoint: {quant['checkpoint']} "
+                      f"({quant['manifest']['checkpoint_bytes'] / 2**20:.1f} MiB"
+                      f"{', reused from cache' if quant['manifest'].get('reused') else ''})")
+    console.print(f"MLflow: run {run_id} in {uri} — browse with `make ui` (experiment runs under 'Model training')")
+
+
+def run_cell(cfg: DictConfig) -> None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    exp_id = tracking.configure(cfg.tracking)
+    parent = tracking.sweep_parent() if multirun else None
+    name = tracking.run_name(cfg.model.name, cfg.method.name, cfg.bits if cfg.method.bits_allowed else None,
+                             cfg.model.dtype, cfg.task.name)
+    overrides = list(HydraConfig.get().overrides.task)
+    tags = {"qllm.kind": "cell", "qllm.sweep_id": os.environ.get(tracking.ENV_SWEEP, ""),
+            "qllm.overrides": " ".join(overrides)}
+    try:
+        cell = plan_cell(cfg)
+    except QllmConfigError as e:
+        if not multirun:
+            print(f"[qllm] invalid cell ({' '.join(overrides) or 'defaults'}): {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        tracking.record_skipped(name, str(e), {"model": cfg.model.name, "method": cfg.method.name,
+                                               "bits": cfg.bits, "task": cfg.task.name}, tags)
+        print(f"[qllm] skipped {name}: {e}", flush=True)
+        return
+
+    tags.update({"qllm.cell_key": cell.key, "qllm.quant_key": cell.quant_key})
+    dup = tracking.find_cell_run(exp_id, cell.key, parent)
+    if dup is not None:
+        reason = (f"same cell as run '{dup.info.run_name}' ({dup.info.run_id}), key {cell.key}"
+                  + (": method=none ignores bits" if not cell.quantized else ""))
+        tracking.record_skipped(name, reason, tracking.cell_params(cell, cfg.task.name), tags)
+        print(f"[qllm] skipped {name}: {reason}", flush=True)
+        return
+
+    workdir = Path(HydraConfig.get().runtime.output_dir)
+    launch = OmegaConf.to_container(cfg.launch, resolve=True)
+    with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in tracking.cell_params(cell, cfg.task.name).items()})
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        mlflow.log_text(cell.to_json(), "cell.json")
+        try:
+            quant = None
+            if cell.quantized:
+                mlflow.log_text(yaml.safe_dump(cell.recipe, sort_keys=False), "recipe.yaml")
+                quant = stages.quantize(cell, workdir / "stages", launch)
+                manifest = quant["manifest"]
+                mlflow.log_dict(manifest, "manifest.json")
+                mlflow.log_metrics({
+                    "quantize/wall_s": manifest["wall_s"]["quantize"],
+                    "quantize/stage_wall_s": quant["wall_s"],
+                    "quantize/calibration_tokens": manifest["calibration_tokens"],
+                    "size/checkpoint_mb": manifest["checkpoint_bytes"] / 2**20,
+                })
+                mlflow.set_tag("qllm.quantize_reused", str(manifest.get("reused", False)).lower())
+                tracking.log_checkpoint(quant["checkpoint"], manifest, cfg.tracking.log_checkpoint_max_mb)
+            results = stages.evaluate(cell, workdir / "stages", launch, quant["checkpoint"] if quant else None)
+            mlflow.log_metrics(tracking.task_metrics(results))
+            mlflow.log_metric("evaluate/stage_wall_s", results["stage_wall_s"])
+            mlflow.log_dict(results, "results.json")
+            fp = results["fingerprint"]
+            mlflow.set_tags({"qllm.eval_speed": "dense (hf backend decompresses weights)",
+                             "qllm.evaluated_weights": json.dumps(fp)})
+            if cfg.eval.log_samples:
+                mlflow.log_artifacts(results["out_dir"], "eval")
+            for log in (workdir / "stages").glob("*.log"):
+                mlflow.log_artifact(str(log), "logs")
+            mlflow.set_tag(tracking.STATUS, "finished")
+        except KeyboardInterrupt:
+            mlflow.set_tag(tracking.STATUS, "killed")
+            mlflow.end_run("KILLED")
+            raise
+        except Exception as e:  # one failing cell must not take the sweep down
+            mlflow.set_tags({tracking.STATUS: "failed", "qllm.error": str(e)[:5000]})
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+            for log in (workdir / "stages").glob("*.log"):
+                mlflow.log_artifact(str(log), "logs")
+            mlflow.end_run("FAILED")
+            print(f"[qllm] FAILED {name}: {e}", file=sys.stderr, flush=True)
+            if not multirun:
+                raise SystemExit(1) from None
+            return
+    _print_summary(cell, results, run.info.run_id, mlflow.get_tracking_uri(), quant)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_cell(cfg)
+
+
+if __name__ == "__main__":
+    main()

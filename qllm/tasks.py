@@ -1,0 +1,106 @@
+"""Benchmark tasks: turning a task entry of conf/task/ into an lm-eval task config, and the few Python functions
+that offline tasks need (documents from local files, token perplexity).
+
+In a task's `lm_eval:` dict, a string "py:module.function" names a Python function; a function that takes a
+`tokenizer` keyword gets the evaluated model's tokenizer, one that takes `max_doc_tokens` gets the entry's value.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import QllmConfigError
+
+TASK_TYPES = ("commonsense", "knowledge", "instruction_following", "hallucination", "math", "dialogue", "perplexity")
+_PY = "py:"
+
+
+def check_entry(key: str, entry: dict, data_dir: str) -> None:
+    """Validate one task entry at plan time: its type and that every local data file exists."""
+    if entry["type"] not in TASK_TYPES:
+        raise QllmConfigError(f"task '{key}': unknown type '{entry['type']}'; valid: {', '.join(TASK_TYPES)}")
+    missing = [f for f in entry.get("data_files", []) if not (Path(data_dir) / f).is_file()]
+    if missing:
+        raise QllmConfigError(
+            f"task '{key}': data file(s) not found under data_dir={data_dir}: {', '.join(missing)}. "
+            "Set QLLM_DATA_DIR (or data_dir=...) to the benchmark data folder (../shared/data layout)."
+        )
+
+
+def _resolve_function(ref: str, bindings: dict[str, Any]) -> Callable:
+    module, _, name = ref[len(_PY):].rpartition(".")
+    fn = getattr(importlib.import_module(module), name)
+    params = inspect.signature(fn).parameters
+    bound = {k: v for k, v in bindings.items() if k in params}
+    return functools.partial(fn, **bound) if bound else fn
+
+
+def lm_eval_config(entry: dict, tokenizer: Any = None) -> dict:
+    """The lm-eval task config of an entry, with "py:" references replaced by (bound) functions."""
+    bindings = {"tokenizer": tokenizer, "max_doc_tokens": entry.get("max_doc_tokens")}
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(_PY):
+            return _resolve_function(value, bindings)
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return value
+
+    cfg = resolve(dict(entry["lm_eval"]))
+    cfg["num_fewshot"] = entry.get("num_fewshot", 0)
+    return cfg
+
+
+# ---- WikiText-2 from the local raw file ----
+
+_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def split_wikitext_documents(text: str) -> list[str]:
+    """Split raw WikiText at level-1 headings (" = Title = "): the 62 test articles of lm-eval's `wikitext`."""
+    docs: list[list[str]] = []
+    for line in text.splitlines(keepends=True):
+        if _TITLE.match(line.rstrip("\n")) or not docs:
+            docs.append([])
+        docs[-1].append(line)
+    return ["".join(d) for d in docs]
+
+
+def wikitext_documents(
+    path: str, tokenizer: Any = None, max_doc_tokens: Optional[int] = None, skip: int = 0, **_: Any
+) -> Any:
+    """lm-eval `custom_dataset`: the documents as a DatasetDict with a `page` column (lm-eval's field name)."""
+    import datasets
+
+    docs = split_wikitext_documents(Path(path).read_text(encoding="utf-8"))[skip:]
+    if max_doc_tokens:
+        if tokenizer is None:
+            raise ValueError("max_doc_tokens needs the model tokenizer")
+        docs = [_truncate(d, tokenizer, max_doc_tokens) for d in docs]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"page": docs})})
+
+
+def _truncate(text: str, tokenizer: Any, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    cut = tokenizer.decode(ids[:max_tokens])
+    return cut[: cut.rfind(" ")] if " " in cut else cut  # end on a word boundary so word counts stay honest
+
+
+def perplexity_results(doc: dict, results: list, tokenizer: Any) -> dict:
+    """lm-eval's wikitext metrics (words and bytes of the raw page) plus token perplexity of the scored text."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer
+
+    out = process_results(doc, results)
+    (loglikelihood,) = results
+    n_tokens = len(tokenizer(wikitext_detokenizer(doc), add_special_tokens=False)["input_ids"])
+    out["token_perplexity"] = (loglikelihood, n_tokens)
+    return out
