@@ -127,7 +127,7 @@ def plan_cell(cfg: DictConfig) -> Cell:
 
     calibration = c["calibration"] if method.get("calibrate") else None
     if calibration and calibration["source"] == "local_text":
-        tasks.check_entry("calibration", {"type": "perplexity", "data_files": [calibration["path"]]}, data_dir)
+        tasks.check_data_files(f"calibration '{calibration['name']}'", [calibration["path"]], data_dir)
 
     task_entries = _plan_tasks(c["task"], data_dir, calibration)
 

@@ -119,7 +119,7 @@ class QllmConfig:
     seed: int = 0
     data_dir: str = MISSING
     cache_dir: str = MISSING
-    force: bool = False  # re-run a cell even when its quantized checkpoint is cached
+    force: bool = False  # quantize again even when the checkpoint is in the cache
 
 
 def register_configs() -> None:

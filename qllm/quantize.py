@@ -48,11 +48,11 @@ def _file_digests(root: Path) -> dict[str, dict]:
     return out
 
 
-def quantize(cell: Cell) -> dict:
-    """Quantize once; return the manifest (reused when the checkpoint is already in the cache)."""
+def quantize(cell: Cell, force: bool = False) -> dict:
+    """Quantize once; return the manifest (reused when the checkpoint is already in the cache, unless forced)."""
     out = checkpoint_dir(cell)
     manifest = read_manifest(out)
-    if manifest is not None:
+    if manifest is not None and not force:
         print(f"[qllm] quantize: reusing cached checkpoint {out}", flush=True)
         return {**manifest, "reused": True}
 
@@ -114,6 +114,8 @@ def quantize(cell: Cell) -> dict:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared with the MLflow UI and other users
+        if force and out.exists():
+            shutil.rmtree(out)
         try:
             os.rename(tmp, out)  # atomic; fails if another job finished the same checkpoint first
         except OSError:
@@ -128,9 +130,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description="qllm quantize stage")
     p.add_argument("--cell", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="where to write the stage result (JSON)")
+    p.add_argument("--force", action="store_true", help="quantize again even if the checkpoint is cached")
     a = p.parse_args()
     cell = Cell.from_json(a.cell.read_text())
-    manifest = quantize(cell)
+    manifest = quantize(cell, a.force)
     a.out.write_text(json.dumps({"checkpoint": str(checkpoint_dir(cell)), "manifest": manifest}, indent=2))
 
 

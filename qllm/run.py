@@ -90,7 +90,7 @@ def run_cell(cfg: DictConfig) -> None:
             quant = None
             if cell.quantized:
                 mlflow.log_text(yaml.safe_dump(cell.recipe, sort_keys=False), "recipe.yaml")
-                quant = stages.quantize(cell, workdir / "stages", launch)
+                quant = stages.quantize(cell, workdir / "stages", launch, cfg.force)
                 manifest = quant["manifest"]
                 mlflow.log_dict(manifest, "manifest.json")
                 mlflow.log_metrics({

@@ -55,10 +55,10 @@ def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[st
     return time.perf_counter() - t0
 
 
-def quantize(cell: Cell, workdir: Path, launch: dict) -> dict:
+def quantize(cell: Cell, workdir: Path, launch: dict, force: bool = False) -> dict:
     """Stage result: {"checkpoint": dir, "manifest": {...}, "wall_s": ...}."""
     out = workdir / "quantize.json"
-    wall = run_stage("quantize", cell, workdir, launch, ["--out", str(out)])
+    wall = run_stage("quantize", cell, workdir, launch, ["--out", str(out)] + (["--force"] if force else []))
     return {**json.loads(out.read_text()), "wall_s": wall}
 
 

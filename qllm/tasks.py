@@ -24,10 +24,14 @@ def check_entry(key: str, entry: dict, data_dir: str) -> None:
     """Validate one task entry at plan time: its type and that every local data file exists."""
     if entry["type"] not in TASK_TYPES:
         raise QllmConfigError(f"task '{key}': unknown type '{entry['type']}'; valid: {', '.join(TASK_TYPES)}")
-    missing = [f for f in entry.get("data_files", []) if not (Path(data_dir) / f).is_file()]
+    check_data_files(f"task '{key}'", entry.get("data_files", []), data_dir)
+
+
+def check_data_files(what: str, files: list[str], data_dir: str) -> None:
+    missing = [f for f in files if not (Path(data_dir) / f).is_file()]
     if missing:
         raise QllmConfigError(
-            f"task '{key}': data file(s) not found under data_dir={data_dir}: {', '.join(missing)}. "
+            f"{what}: data file(s) not found under data_dir={data_dir}: {', '.join(missing)}. "
             "Set QLLM_DATA_DIR (or data_dir=...) to the benchmark data folder (../shared/data layout)."
         )
 

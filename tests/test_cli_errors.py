@@ -1,0 +1,34 @@
+"""Bad input at the command line: a clear, specific error and a non-zero exit, before any weights are loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_qllm
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["model=nope"], ["Could not find 'model/nope'", "smollm2-135m-instruct", "tiny-random-llama"]),
+        (["method=gptqq"], ["Could not find 'method/gptqq'", "awq", "smoothquant"]),
+        (["task=nope"], ["Could not find 'task/nope'", "arc_easy", "wikitext2"]),
+        (["bitz=4"], ["Could not override 'bitz'", "Key 'bitz' not in 'QllmConfig'"]),
+        (["bits=four"], ["Value 'four' of type 'str' could not be converted to Integer", "bits"]),
+        (["method=smoothquant", "bits=4"], ["does not support bits=4; valid bits: 8"]),
+        (["method=rtn", "bits=5"], ["does not support bits=5; valid bits: 2, 3, 4, 8"]),
+        (["model=llama-2-7b-chat"], ["meta-llama/Llama-2-7b-chat-hf", "hub is not reachable"]),
+        (["data_dir=/nonexistent"], ["calibration 'wikitext2'", "wiki.test.nonempty_lines.txt", "QLLM_DATA_DIR"]),
+        (["method=rtn", "data_dir=/nonexistent"], ["task 'arc_easy'", "arc_easy/test.llmfoundry.jsonl"]),
+    ],
+    ids=["model", "method", "task", "key", "bits-type", "smoothquant-w4", "bits-5", "hub", "calib-data", "task-data"],
+)
+def test_bad_input_fails_before_loading_weights(tmp_path, cache_dir, data_dir, args, expected):
+    cache = tmp_path / "cache"
+    proc = run_qllm(args, tmp_path, cache, data_dir, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    for text in expected:
+        assert text in out, f"{text!r} not in output:\n{out[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (cache / "models").exists() and not (cache / "quantized").exists()  # nothing was converted/loaded

@@ -1,0 +1,97 @@
+"""Cell planning: keys, method × bits, group sizes, data and model checks — all before any weights are loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import qllm.config  # noqa: F401  (registers the config schema)
+from qllm.cell import plan_cell
+from qllm.errors import QllmConfigError
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def plan(*overrides: str, data_dir: Path | str, cache_dir: Path | str = "/nonexistent-cache"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"data_dir={data_dir}", f"cache_dir={cache_dir}", *overrides])
+    return plan_cell(cfg)
+
+
+def test_default_cell(data_dir):
+    cell = plan(data_dir=data_dir)
+    assert (cell.model["name"], cell.method, cell.bits, cell.group_size) == ("smollm2-135m-instruct", "gptq", 4, 64)
+    assert cell.scheme == "W4A16 int g64 sym"
+    assert set(cell.tasks) == {"arc_easy", "wikitext2"}
+    assert cell.calibration is not None and cell.calibration["num_samples"] > 0
+    assert "Q4_1" in cell.model["note"]
+
+
+def test_baseline_ignores_bits(data_dir):
+    a, b = plan("method=none", "bits=4", data_dir=data_dir), plan("method=none", "bits=8", data_dir=data_dir)
+    assert a.key == b.key and a.quant_key == b.quant_key and a.bits is None and a.calibration is None
+
+
+def test_keys_separate_quantization_from_evaluation(data_dir):
+    w4, w8 = plan("method=rtn", "bits=4", data_dir=data_dir), plan("method=rtn", "bits=8", data_dir=data_dir)
+    assert w4.quant_key != w8.quant_key
+    more = plan("method=rtn", "bits=4", "task.tasks.arc_easy.limit=7", data_dir=data_dir)
+    assert more.quant_key == w4.quant_key and more.key != w4.key
+    assert plan("method=rtn", "bits=4", data_dir=data_dir).key == w4.key  # stable
+
+
+def test_suite_limit_overrides_every_task(data_dir):
+    cell = plan("task.limit=5", data_dir=data_dir)
+    assert {e["limit"] for e in cell.tasks.values()} == {5}
+
+
+@pytest.mark.parametrize("method,bits,valid", [("smoothquant", 4, "8"), ("fp8", 4, "8"), ("gptq", 5, "2, 3, 4, 8"),
+                                               ("rtn", 16, "2, 3, 4, 8")])
+def test_bits_not_supported(data_dir, method, bits, valid):
+    with pytest.raises(QllmConfigError, match=f"'{method}' does not support bits={bits}; valid bits: {valid}"):
+        plan(f"method={method}", f"bits={bits}", data_dir=data_dir)
+
+
+def test_group_size_must_divide_model_widths(data_dir):
+    with pytest.raises(QllmConfigError, match=r"group_size 128 does not divide .* = 576.*Valid group sizes .*: 32, 64"):
+        plan("method=gptq", "method.settings.group_size=128", data_dir=data_dir)
+    assert plan("method=gptq", "method.settings.group_size=32", data_dir=data_dir).group_size == 32
+
+
+def test_unknown_method_setting(data_dir):
+    with pytest.raises(QllmConfigError, match=r"unknown setting\(s\) grup_size; valid: group_size, symmetric"):
+        plan("method=rtn", "+method.settings.grup_size=32", data_dir=data_dir)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(QllmConfigError, match=r"data file\(s\) not found .*arc_easy/test.llmfoundry.jsonl.*QLLM_DATA_DIR"):
+        plan("method=rtn", data_dir=tmp_path)
+
+
+def test_perplexity_must_not_overlap_calibration(data_dir):
+    with pytest.raises(QllmConfigError, match="would evaluate perplexity on calibration text"):
+        plan("method=gptq", "task=wikitext2", data_dir=data_dir)  # wikitext2 alone: all 62 documents
+    assert plan("method=rtn", "task=wikitext2", data_dir=data_dir).calibration is None  # RTN needs no calibration
+
+
+def test_unreachable_hub_model_fails_fast(data_dir, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(QllmConfigError, match=r"meta-llama/Llama-3.1-8B-Instruct@main.* not in the local Hugging "
+                                              r"Face cache and the hub is not reachable"):
+        plan("model=llama-3.1-8b-instruct", data_dir=data_dir)
+
+
+def test_paper_models_plan_their_group_sizes():
+    """Every hub model config carries the widths needed to validate its default group size without the hub."""
+    from omegaconf import OmegaConf
+
+    from qllm.cell import _check_group_size
+    from qllm.methods import rtn
+
+    for f in sorted((Path(CONF) / "model").glob("*.yaml")):
+        model = OmegaConf.to_container(OmegaConf.load(f))
+        if model["source"] != "hub":
+            continue
+        _check_group_size(rtn(4, [], model["group_size"]), model, model["arch"])  # raises if it does not divide

@@ -1,0 +1,67 @@
+"""The real default model (SmolLM2-135M-Instruct, Q4_1-derived weights) on real WikiText-2 text.
+
+Perplexity must behave as quantization theory says: 8-bit RTN is nearly free, 2-bit RTN breaks the model, GPTQ at
+4 bits is no worse than RTN at 4 bits. And the evaluated model must be the quantized one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from conftest import mlflow_runs, run_qllm
+
+pytestmark = pytest.mark.slow
+# the first 3 WikiText-2 articles, 512 tokens each (calibration text comes from the last 22 articles)
+PPL = ["model=smollm2-135m-instruct", "task=wikitext2", "task.tasks.wikitext2.limit=3",
+       "task.tasks.wikitext2.max_doc_tokens=512", "calibration=wikitext2-small"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir, data_dir):
+    work = tmp_path_factory.mktemp("smollm2")
+    for args in (["method=none"], ["-m", "method=rtn", "bits=2,4,8"], ["method=gptq", "bits=4"]):
+        proc = run_qllm([*args, *PPL], work, cache_dir, data_dir, timeout=1200)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    df = mlflow_runs(work)
+    df = df[df["tags.qllm.status"] == "finished"]
+    return {(r["params.method"], r["params.bits"]): r for _, r in df.iterrows()}
+
+
+def ppl(runs, method, bits):
+    return runs[(method, bits)]["metrics.wikitext2/word_perplexity"]
+
+
+def test_rtn8_is_within_3_percent_of_baseline(runs):
+    base = ppl(runs, "none", "none")
+    assert 10 < base < 200, base  # a working language model on WikiText (word perplexity)
+    assert abs(ppl(runs, "rtn", "8") / base - 1) < 0.03
+
+
+def test_rtn2_at_least_doubles_perplexity(runs):
+    assert ppl(runs, "rtn", "2") >= 2 * ppl(runs, "none", "none")
+
+
+def test_gptq4_no_worse_than_rtn4(runs):
+    assert ppl(runs, "gptq", "4") <= ppl(runs, "rtn", "4")
+    assert ppl(runs, "rtn", "4") > ppl(runs, "none", "none")  # 4-bit costs something
+
+
+def test_token_perplexity_orders_like_word_perplexity(runs):
+    tok = {k: r["metrics.wikitext2/token_perplexity"] for k, r in runs.items()}
+    assert tok[("rtn", "8")] < tok[("rtn", "4")] < tok[("rtn", "2")]
+
+
+def test_evaluated_checkpoint_is_the_quantized_one(runs):
+    base = json.loads(runs[("none", "none")]["tags.qllm.evaluated_weights"])
+    w2 = json.loads(runs[("rtn", "2")]["tags.qllm.evaluated_weights"])
+    assert w2["group_size"] == 64 and w2["max_distinct_per_group"] <= 4  # the 2-bit grid, as lm-eval ran it
+    assert base["max_distinct_per_group"] > 16  # Q4_1-derived, but not on a 64-wide 2-bit grid
+    # and the checkpoint on disk is compressed-tensors, packed 2-bit with per-group scales
+    ckpt = runs[("rtn", "2")]["tags.qllm.checkpoint_path"]
+    with safe_open(f"{ckpt}/model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.down_proj.weight_packed" in keys and "model.layers.0.mlp.down_proj.weight_scale" in keys
+    assert "model.layers.0.mlp.down_proj.weight" not in keys

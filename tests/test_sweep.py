@@ -1,0 +1,80 @@
+"""The full method × bits sweep on the tiny random model, through the real CLI, landing in a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import mlflow_runs, run_qllm
+
+TINY = ["model=tiny-random-llama", "calibration=wikitext2-small", "task.tasks.arc_easy.limit=4",
+        "task.tasks.wikitext2.limit=1", "task.tasks.wikitext2.max_doc_tokens=128"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir, data_dir):
+    work = tmp_path_factory.mktemp("sweep")
+    proc = run_qllm(["-m", "method=none,rtn,gptq,awq,smoothquant,fp8", "bits=4,8", *TINY], work, cache_dir, data_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc, mlflow_runs(work)
+
+
+def test_sweep_has_nine_cells_and_three_skips_under_one_parent(sweep):
+    _, runs = sweep
+    parents = runs[runs["tags.qllm.kind"] == "sweep"]
+    cells = runs[runs["tags.qllm.kind"] == "cell"]
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    assert len(cells) == 12 and set(cells["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+
+    done = cells[cells["tags.qllm.status"] == "finished"]
+    assert len(done) == 9 and done["tags.qllm.cell_key"].nunique() == 9
+    assert sorted(zip(done["params.method"], done["params.bits"])) == sorted(
+        [("none", "none"), ("rtn", "4"), ("rtn", "8"), ("gptq", "4"), ("gptq", "8"), ("awq", "4"), ("awq", "8"),
+         ("smoothquant", "8"), ("fp8", "8")])
+
+    skipped = cells[cells["tags.qllm.status"] == "skipped"]
+    reasons = sorted(skipped["tags.qllm.skip_reason"])
+    assert len(skipped) == 3
+    assert sum("'fp8' does not support bits=4" in r for r in reasons) == 1
+    assert sum("'smoothquant' does not support bits=4" in r for r in reasons) == 1
+    assert sum("same cell as run" in r and "method=none ignores bits" in r for r in reasons) == 1
+    assert parents.iloc[0]["metrics.cells_finished"] == 9 and parents.iloc[0]["metrics.cells_skipped"] == 3
+
+
+def test_every_cell_logs_metrics_params_and_artifacts(sweep):
+    _, runs = sweep
+    done = runs[runs["tags.qllm.status"] == "finished"]
+    for col in ("metrics.arc_easy/acc", "metrics.arc_easy/acc_stderr", "metrics.arc_easy/acc_norm",
+                "metrics.wikitext2/word_perplexity", "metrics.wikitext2/token_perplexity"):
+        assert done[col].notna().all(), col
+    assert (done["metrics.arc_easy/n_samples"] == 4).all() and (done["metrics.wikitext2/n_samples"] == 1).all()
+    assert (done["params.arc_easy.limit"] == "4").all() and (done["params.arc_easy.num_fewshot"] == "0").all()
+    assert done["params.version.lm_eval"].notna().all() and done["params.version.transformers"].notna().all()
+    assert done["params.git_commit"].notna().all()
+    quantized = done[done["params.method"] != "none"]
+    assert quantized["params.version.llmcompressor"].notna().all()
+    assert (quantized["metrics.size/checkpoint_mb"] > 0).all()
+    assert quantized["tags.qllm.checkpoint_sha256"].str.len().eq(64).all()
+
+
+def test_evaluated_weights_are_the_quantized_ones(sweep):
+    _, runs = sweep
+    done = runs[runs["tags.qllm.status"] == "finished"].set_index(["params.method", "params.bits"])
+    fp = {k: json.loads(v) for k, v in done["tags.qllm.evaluated_weights"].items()}
+    # 4-bit group-wise: at most 16 levels per group of 32; the dense baseline has (almost) all values distinct
+    for m in ("rtn", "gptq", "awq"):
+        assert fp[(m, "4")]["max_distinct_per_group"] <= 16
+    assert fp[("none", "none")]["max_distinct_per_group"] > 100
+    # W8A8 schemes quantize activations on the fly; weight-only ones and the baseline do not
+    for k in (("smoothquant", "8"), ("fp8", "8")):
+        assert fp[k]["activation_quant_rel_error"] > 1e-3
+    for k in (("none", "none"), ("rtn", "4"), ("gptq", "8")):
+        assert fp[k]["activation_quant_rel_error"] < 1e-5
+
+
+def test_sizes_order_by_bits(sweep):
+    _, runs = sweep
+    done = runs[runs["tags.qllm.status"] == "finished"].set_index(["params.method", "params.bits"])
+    size = done["metrics.size/checkpoint_mb"]
+    assert size[("rtn", "4")] < size[("rtn", "8")]
