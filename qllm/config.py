@@ -7,12 +7,16 @@ dataclasses; Hydra itself lists the valid options when a group option does not e
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from .errors import QllmConfigError
 
 
 @dataclass
@@ -120,6 +124,29 @@ class QllmConfig:
     data_dir: str = MISSING
     cache_dir: str = MISSING
     force: bool = False  # quantize again even when the checkpoint is in the cache
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Hydra names a mistyped key but not the valid ones; say both, before anything is composed.
+
+    Checks the keys of `key=value` overrides down to the first free-form dict (method.settings, task.tasks, ...).
+    Additions (`+key=`), deletions (`~key`), Hydra's own keys and config-group paths (`hydra/launcher=`) pass."""
+    for ov in overrides:
+        key = ov.split("=", 1)[0]
+        if "=" not in ov or ov.startswith(("+", "~", "-")) or key.startswith("hydra") or "/" in key:
+            continue
+        node: Any = QllmConfig
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if not dataclasses.is_dataclass(node):
+                break
+            hints = typing.get_type_hints(node)
+            if part not in hints:
+                where = f"'{'.'.join(parts[:depth])}'" if depth else "the top level"
+                raise QllmConfigError(
+                    f"unknown config key '{key}': no '{part}' at {where}; valid keys there: {', '.join(hints)}"
+                )
+            node = hints[part]
 
 
 def register_configs() -> None:

@@ -58,8 +58,6 @@ def check_available(model: dict, data_dir: str, cache_dir: str) -> None:
     source = model["source"]
     if source not in SOURCES:
         raise QllmConfigError(f"model '{model['name']}': unknown source '{source}'; valid: {', '.join(SOURCES)}")
-    if model.get("trust_remote_code"):
-        pass  # allowed only because the user turned it on explicitly in the model config
     if source == "local":
         if not (Path(model["path"]) / "config.json").is_file():
             raise QllmConfigError(f"model '{model['name']}': no config.json in local dir {model['path']}")

@@ -135,5 +135,14 @@ def main(cfg: DictConfig) -> None:
     run_cell(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    try:
+        _config.check_override_keys(sys.argv[1:])
+    except QllmConfigError as e:
+        print(f"[qllm] {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()
+
+
+if __name__ == "__main__":
+    cli()

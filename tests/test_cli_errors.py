@@ -13,7 +13,8 @@ from conftest import run_qllm
         (["model=nope"], ["Could not find 'model/nope'", "smollm2-135m-instruct", "tiny-random-llama"]),
         (["method=gptqq"], ["Could not find 'method/gptqq'", "awq", "smoothquant"]),
         (["task=nope"], ["Could not find 'task/nope'", "arc_easy", "wikitext2"]),
-        (["bitz=4"], ["Could not override 'bitz'", "Key 'bitz' not in 'QllmConfig'"]),
+        (["bitz=4"], ["unknown config key 'bitz'", "valid keys there: model, method, task", "bits, seed"]),
+        (["model.revison=abc"], ["unknown config key 'model.revison'", "no 'revison' at 'model'", "revision"]),
         (["bits=four"], ["Value 'four' of type 'str' could not be converted to Integer", "bits"]),
         (["method=smoothquant", "bits=4"], ["does not support bits=4; valid bits: 8"]),
         (["method=rtn", "bits=5"], ["does not support bits=5; valid bits: 2, 3, 4, 8"]),
@@ -21,7 +22,7 @@ from conftest import run_qllm
         (["data_dir=/nonexistent"], ["calibration 'wikitext2'", "wiki.test.nonempty_lines.txt", "QLLM_DATA_DIR"]),
         (["method=rtn", "data_dir=/nonexistent"], ["task 'arc_easy'", "arc_easy/test.llmfoundry.jsonl"]),
     ],
-    ids=["model", "method", "task", "key", "bits-type", "smoothquant-w4", "bits-5", "hub", "calib-data", "task-data"],
+    ids=["model", "method", "task", "key", "nested-key", "bits-type", "smoothquant-w4", "bits-5", "hub", "calib-data", "task-data"],
 )
 def test_bad_input_fails_before_loading_weights(tmp_path, cache_dir, data_dir, args, expected):
     cache = tmp_path / "cache"

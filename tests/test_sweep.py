@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from conftest import mlflow_runs, run_qllm
 
 TINY = ["model=tiny-random-llama", "calibration=wikitext2-small", "task.tasks.arc_easy.limit=4",
-        "task.tasks.wikitext2.limit=1", "task.tasks.wikitext2.max_doc_tokens=128"]
+        "task.tasks.wikitext2.limit=1", "task.tasks.wikitext2.max_doc_tokens=128", "eval.log_samples=true"]
 
 
 @pytest.fixture(scope="module")
