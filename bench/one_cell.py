@@ -21,14 +21,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 BARE = r'''
-import sys, time, yaml, torch
-from hydra import compose, initialize_config_dir
-from qllm.cell import plan_cell
+import sys, yaml, torch
+from qllm.cell import compose_cell
 from qllm.calibration import calibration_dataset
 from qllm.tasks import lm_eval_config
 from qllm.models import prepare
-with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
-    cell = plan_cell(compose("config", overrides=sys.argv[3:]))   # only to get the identical recipe/tasks
+cell = compose_cell(sys.argv[2:])  # only to get the identical model, recipe, calibration and task configs
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from lm_eval import simple_evaluate
@@ -39,8 +37,8 @@ model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, cell.mode
 ds = calibration_dataset(cell.calibration, tok, cell.data_dir)
 oneshot(model=model, tokenizer=tok, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), dataset=ds,
         num_calibration_samples=len(ds), max_seq_length=cell.calibration["max_seq_len"])
-model.save_pretrained(sys.argv[2], save_compressed=True); tok.save_pretrained(sys.argv[2])
-lm = HFLM(pretrained=sys.argv[2], dtype=cell.model["dtype"], device="cpu", batch_size=cell.eval["batch_size"])
+model.save_pretrained(sys.argv[1], save_compressed=True); tok.save_pretrained(sys.argv[1])
+lm = HFLM(pretrained=sys.argv[1], dtype=cell.model["dtype"], device="cpu", batch_size=cell.eval["batch_size"])
 for key, entry in cell.tasks.items():
     r = simple_evaluate(model=lm, tasks=[lm_eval_config(entry, lm.tokenizer)], limit=entry["limit"],
                         bootstrap_iters=cell.eval["bootstrap_iters"])
@@ -65,15 +63,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qllm-bench-") as tmp:
         tmp = Path(tmp)
         # convert the base model once, untimed, for both sides
-        subprocess.run([py, "-c", "import sys; from hydra import compose, initialize_config_dir; "
-                        "from qllm.cell import plan_cell; from qllm.models import prepare; "
-                        f"initialize_config_dir(config_dir='{REPO}/conf', version_base='1.3'); "
-                        "c = plan_cell(compose('config', overrides=sys.argv[1:])); "
-                        "print(prepare(c.model, c.data_dir, c.cache_dir))", *overrides], env=env, check=True, cwd=REPO)
+        subprocess.run([py, "-c", "import sys; from qllm.cell import compose_cell; from qllm.models import prepare; "
+                        "c = compose_cell(sys.argv[1:]); print(prepare(c.model, c.data_dir, c.cache_dir))",
+                        *overrides], env=env, check=True, cwd=REPO)
         rows = []
         for i in range(a.repeats):
-            bare = timed([py, "-c", BARE, str(REPO / "conf"), str(tmp / f"bare-ckpt-{i}"), *overrides], env,
-                         tmp / "bare.log")
+            bare = timed([py, "-c", BARE, str(tmp / f"bare-ckpt-{i}"), *overrides], env, tmp / "bare.log")
             qllm = timed([py, "-m", "qllm.run", *overrides, "force=true",
                           f"tracking.uri=sqlite:///{tmp}/mlruns/mlflow.db", f"tracking.artifact_root={tmp}/mlruns/a",
                           f"hydra.run.dir={tmp}/out-{i}"], env, tmp / "qllm.log")

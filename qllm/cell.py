@@ -11,6 +11,7 @@ import importlib.metadata
 import inspect
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.utils import get_method
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import models, tasks
 from .errors import QllmConfigError
 from .methods import Recipe
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Libraries whose version changes a quantized artifact / an evaluation result.
 QUANT_LIBS = ("torch", "transformers", "llmcompressor", "compressed-tensors")
@@ -167,3 +170,13 @@ def _plan_tasks(task_cfg: dict, data_dir: str, calibration: Optional[dict]) -> d
                 )
         entries[key] = entry
     return entries
+
+
+def compose_cell(overrides: list[str]) -> Cell:
+    """Plan a cell from command-line style overrides without starting a Hydra app (tests, bench scripts)."""
+    from hydra import compose, initialize_config_dir
+
+    from . import config  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return plan_cell(compose("config", overrides=overrides))

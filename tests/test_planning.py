@@ -5,19 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-import qllm.config  # noqa: F401  (registers the config schema)
-from qllm.cell import plan_cell
+from qllm.cell import CONF_DIR, compose_cell
 from qllm.errors import QllmConfigError
-
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def plan(*overrides: str, data_dir: Path | str, cache_dir: Path | str = "/nonexistent-cache"):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[f"data_dir={data_dir}", f"cache_dir={cache_dir}", *overrides])
-    return plan_cell(cfg)
+    return compose_cell([f"data_dir={data_dir}", f"cache_dir={cache_dir}", *overrides])
 
 
 def test_default_cell(data_dir):
@@ -90,7 +84,7 @@ def test_paper_models_plan_their_group_sizes():
     from qllm.cell import _check_group_size
     from qllm.methods import rtn
 
-    for f in sorted((Path(CONF) / "model").glob("*.yaml")):
+    for f in sorted((CONF_DIR / "model").glob("*.yaml")):
         model = OmegaConf.to_container(OmegaConf.load(f))
         if model["source"] != "hub":
             continue
