@@ -5,7 +5,7 @@ the same recipe and calibration data, save the compressed checkpoint, evaluate i
 the same task configs and limits. qllm adds Hydra, planning, two stage processes and MLflow logging.
 Both start from the converted base model (converted once, beforehand, not timed). Target: qllm/bare <= 1.10.
 
-    python bench/one_cell.py [--repeats N] [overrides for both, e.g. task=arc_easy task.limit=50]
+    python bench/one_cell.py [--repeats N] [overrides for both, e.g. task=arc_easy_offline task.limit=50]
 """
 
 from __future__ import annotations

@@ -49,16 +49,23 @@ class MethodConfig:
 
 @dataclass
 class TaskEntry:
-    """One lm-eval task as qllm runs it: a config dict handed to lm-eval, plus qllm's own keys."""
+    """One lm-eval task (or group) as qllm runs it: an lm-eval config, plus qllm's own keys."""
 
     type: str = MISSING  # commonsense | knowledge | instruction_following | hallucination | math | dialogue | perplexity
-    metric: str = MISSING  # primary metric
+    metric: str = MISSING  # primary metric as lm-eval names it: "acc", or "metric,filter" ("exact_match,strict-match")
     higher_is_better: bool = True
     num_fewshot: int = 0
-    limit: Optional[int] = None  # documents per task (null: all)
+    limit: Optional[int] = None  # documents per task (per subtask for groups); null: all
     data_files: list[str] = field(default_factory=list)  # files under data_dir this task reads (checked at plan time)
     max_doc_tokens: Optional[int] = None  # perplexity tasks: truncate each document to this many tokens
-    lm_eval: dict[str, Any] = field(default_factory=dict)  # the lm-eval task config (task name, prompts, metrics)
+    # the lm-eval config: an inline task config (offline twins), {task: <registered lm-eval name>} (hub tasks), or an
+    # inline group {group: ..., task: [...]}; "py:module.function" strings name Python functions
+    lm_eval: dict[str, Any] = field(default_factory=dict)
+    lm_eval_builder: Optional[str] = None  # "py:module.function": called with `lm_eval` as keywords, returns the config
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # generation overrides (e.g. a max_gen_toks cap on CPU)
+    difficulty: Optional[str] = None  # a label for the whole task ("easy"), or "py:module.function" (doc -> label)
+    hub_dataset: Optional[str] = None  # hub tasks: the dataset that must be reachable (checked at plan time)
+    offline_twin: Optional[str] = None  # hub tasks: the task option that reads the same benchmark from data_dir
 
 
 @dataclass

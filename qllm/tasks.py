@@ -58,7 +58,10 @@ def lm_eval_config(entry: dict, tokenizer: Any = None) -> dict:
         return value
 
     cfg = resolve(dict(entry["lm_eval"]))
-    cfg["num_fewshot"] = entry.get("num_fewshot", 0)
+    if entry.get("lm_eval_builder"):
+        cfg = _resolve_function(entry["lm_eval_builder"], bindings)(**cfg)
+    if "group" not in cfg:
+        cfg["num_fewshot"] = entry.get("num_fewshot", 0)
     return cfg
 
 

@@ -12,7 +12,7 @@ from conftest import run_qllm
     [
         (["model=nope"], ["Could not find 'model/nope'", "smollm2-135m-instruct", "tiny-random-llama"]),
         (["method=gptqq"], ["Could not find 'method/gptqq'", "awq", "smoothquant"]),
-        (["task=nope"], ["Could not find 'task/nope'", "arc_easy", "wikitext2"]),
+        (["task=nope"], ["Could not find 'task/nope'", "arc_easy_offline", "wikitext_offline"]),
         (["bitz=4"], ["unknown config key 'bitz'", "valid keys there: model, method, task", "bits, seed"]),
         (["model.revison=abc"], ["unknown config key 'model.revison'", "no 'revison' at 'model'", "revision"]),
         (["bits=four"], ["Value 'four' of type 'str' could not be converted to Integer", "bits"]),

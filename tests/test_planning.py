@@ -18,7 +18,7 @@ def test_default_cell(data_dir):
     cell = plan(data_dir=data_dir)
     assert (cell.model["name"], cell.method, cell.bits, cell.group_size) == ("smollm2-135m-instruct", "gptq", 4, 64)
     assert cell.scheme == "W4A16 int g64 sym"
-    assert set(cell.tasks) == {"arc_easy", "wikitext2"}
+    assert set(cell.tasks) == {"arc_easy_offline", "wikitext_offline"}
     assert cell.calibration is not None and cell.calibration["num_samples"] > 0
     assert "Q4_1" in cell.model["note"]
 
@@ -31,7 +31,7 @@ def test_baseline_ignores_bits(data_dir):
 def test_keys_separate_quantization_from_evaluation(data_dir):
     w4, w8 = plan("method=rtn", "bits=4", data_dir=data_dir), plan("method=rtn", "bits=8", data_dir=data_dir)
     assert w4.quant_key != w8.quant_key
-    more = plan("method=rtn", "bits=4", "task.tasks.arc_easy.limit=7", data_dir=data_dir)
+    more = plan("method=rtn", "bits=4", "task.tasks.arc_easy_offline.limit=7", data_dir=data_dir)
     assert more.quant_key == w4.quant_key and more.key != w4.key
     assert plan("method=rtn", "bits=4", data_dir=data_dir).key == w4.key  # stable
 
@@ -66,8 +66,8 @@ def test_missing_data_file(tmp_path):
 
 def test_perplexity_must_not_overlap_calibration(data_dir):
     with pytest.raises(QllmConfigError, match="would evaluate perplexity on calibration text"):
-        plan("method=gptq", "task=wikitext2", data_dir=data_dir)  # wikitext2 alone: all 62 documents
-    assert plan("method=rtn", "task=wikitext2", data_dir=data_dir).calibration is None  # RTN needs no calibration
+        plan("method=gptq", "task=wikitext_offline", data_dir=data_dir)  # alone: all 62 documents
+    assert plan("method=rtn", "task=wikitext_offline", data_dir=data_dir).calibration is None  # RTN needs no calibration
 
 
 def test_unreachable_hub_model_fails_fast(data_dir, monkeypatch):

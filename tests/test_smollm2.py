@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 # The first 10 WikiText-2 articles, 512 tokens each; GPTQ calibrates on 64 x 512 tokens from the last 22 articles.
 # (With 3 articles and 16 x 256 calibration tokens GPTQ W4 measured *worse* than RTN W4 here, 61.5 vs 58.2: too
 # little calibration and too few evaluation tokens to separate them; at this size GPTQ wins, 30.4 vs 32.2 token ppl.)
-PPL = ["model=smollm2-135m-instruct", "task=wikitext2", "task.tasks.wikitext2.limit=10",
-       "task.tasks.wikitext2.max_doc_tokens=512", "calibration=wikitext2"]
+PPL = ["model=smollm2-135m-instruct", "task=wikitext_offline", "task.tasks.wikitext_offline.limit=10",
+       "task.tasks.wikitext_offline.max_doc_tokens=512", "calibration=wikitext2"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def runs(tmp_path_factory, cache_dir, data_dir):
 
 
 def ppl(runs, method, bits):
-    return runs[(method, bits)]["metrics.wikitext2/word_perplexity"]
+    return runs[(method, bits)]["metrics.wikitext_offline/word_perplexity"]
 
 
 def test_rtn8_is_within_3_percent_of_baseline(runs):
@@ -52,7 +52,7 @@ def test_gptq4_no_worse_than_rtn4(runs):
 
 
 def test_token_perplexity_orders_like_word_perplexity(runs):
-    tok = {k: r["metrics.wikitext2/token_perplexity"] for k, r in runs.items()}
+    tok = {k: r["metrics.wikitext_offline/token_perplexity"] for k, r in runs.items()}
     assert tok[("rtn", "8")] < tok[("rtn", "4")] < tok[("rtn", "2")]
 
 

@@ -9,8 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import mlflow_runs, run_qllm
 
-TINY = ["model=tiny-random-llama", "calibration=wikitext2-small", "task.tasks.arc_easy.limit=4",
-        "task.tasks.wikitext2.limit=1", "task.tasks.wikitext2.max_doc_tokens=128", "eval.log_samples=true"]
+TINY = ["model=tiny-random-llama", "calibration=wikitext2-small", "task.tasks.arc_easy_offline.limit=4",
+        "task.tasks.wikitext_offline.limit=1", "task.tasks.wikitext_offline.max_doc_tokens=128", "eval.log_samples=true"]
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,11 @@ def test_sweep_has_nine_cells_and_three_skips_under_one_parent(sweep):
 def test_every_cell_logs_metrics_params_and_artifacts(sweep):
     _, runs = sweep
     done = runs[runs["tags.qllm.status"] == "finished"]
-    for col in ("metrics.arc_easy/acc", "metrics.arc_easy/acc_stderr", "metrics.arc_easy/acc_norm",
-                "metrics.wikitext2/word_perplexity", "metrics.wikitext2/token_perplexity"):
+    for col in ("metrics.arc_easy_offline/acc", "metrics.arc_easy_offline/acc_stderr", "metrics.arc_easy_offline/acc_norm",
+                "metrics.wikitext_offline/word_perplexity", "metrics.wikitext_offline/token_perplexity"):
         assert done[col].notna().all(), col
-    assert (done["metrics.arc_easy/n_samples"] == 4).all() and (done["metrics.wikitext2/n_samples"] == 1).all()
-    assert (done["params.arc_easy.limit"] == "4").all() and (done["params.arc_easy.num_fewshot"] == "0").all()
+    assert (done["metrics.arc_easy_offline/n_samples"] == 4).all() and (done["metrics.wikitext_offline/n_samples"] == 1).all()
+    assert (done["params.arc_easy_offline.limit"] == "4").all() and (done["params.arc_easy_offline.num_fewshot"] == "0").all()
     assert done["params.version.lm_eval"].notna().all() and done["params.version.transformers"].notna().all()
     assert done["params.git_commit"].notna().all()
     quantized = done[done["params.method"] != "none"]
