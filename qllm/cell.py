@@ -172,11 +172,15 @@ def _plan_tasks(task_cfg: dict, data_dir: str, calibration: Optional[dict]) -> d
     return entries
 
 
-def compose_cell(overrides: list[str]) -> Cell:
-    """Plan a cell from command-line style overrides without starting a Hydra app (tests, bench scripts)."""
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The composed config for command-line style overrides, without starting a Hydra app (tests, bench scripts)."""
     from hydra import compose, initialize_config_dir
 
     from . import config  # noqa: F401  (registers the schema)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return plan_cell(compose("config", overrides=overrides))
+        return compose("config", overrides=overrides)
+
+
+def compose_cell(overrides: list[str]) -> Cell:
+    return plan_cell(compose_config(overrides))

@@ -55,7 +55,7 @@ def evaluate(cell: Cell, model_path: str, out_dir: Path) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from . import tasks
+    from . import results, tasks
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cell.seed)
@@ -77,34 +77,37 @@ def evaluate(cell: Cell, model_path: str, out_dir: Path) -> dict:
     for key, entry in cell.tasks.items():
         print(f"[qllm] evaluate: {key} ({entry['num_fewshot']}-shot, limit {entry['limit']}) ...", flush=True)
         t = time.perf_counter()
+        spec, top = tasks.lm_eval_spec(entry, lm.tokenizer)
         res = simple_evaluate(
             model=lm,
-            tasks=[tasks.lm_eval_config(entry, lm.tokenizer)],
+            tasks=[spec],
+            num_fewshot=entry["num_fewshot"] if isinstance(spec, str) else None,  # inline configs carry their own
+            gen_kwargs=dict(entry.get("gen_kwargs") or {}) or None,
             limit=entry["limit"],
-            log_samples=bool(ev["log_samples"]),
+            log_samples=True,  # per-sample correctness is always kept (difficulty, flips); full logs only on request
             bootstrap_iters=ev["bootstrap_iters"],
             random_seed=ev["seed"],
             numpy_random_seed=ev["seed"],
             torch_random_seed=ev["seed"],
             fewshot_random_seed=ev["seed"],
         )
-        (lm_name,) = res["results"].keys()
-        per_task[key] = {
-            "lm_eval_task": lm_name,
-            "metrics": res["results"][lm_name],
-            "n_samples": res["n-samples"][lm_name],
-            "num_fewshot": entry["num_fewshot"],
-            "wall_s": round(time.perf_counter() - t, 2),
-        }
+        summary = results.summarize_task(res, top, entry)
+        records = results.per_sample_records(res, tasks.difficulty_of(entry))
+        summary["by_difficulty"] = results.by_difficulty(records, entry["metric"])
+        summary["wall_s"] = round(time.perf_counter() - t, 2)
+        per_task[key] = summary
+        with open(out_dir / f"per_sample_{key}.jsonl", "w") as f:
+            f.writelines(json.dumps(r, default=str) + "\n" for r in records)
         if ev["log_samples"]:
             with open(out_dir / f"samples_{key}.jsonl", "w") as f:
-                for s in res["samples"][lm_name]:
-                    f.write(json.dumps(s, default=str) + "\n")
+                for leaf_samples in res["samples"].values():
+                    f.writelines(json.dumps(x, default=str) + "\n" for x in leaf_samples)
 
     # after the forward passes: transformers decompresses compressed-tensors weights lazily, on the first forward
     fingerprint = weight_fingerprint(lm.model, cell.group_size)
     result = {
         "tasks": per_task,
+        "suite": results.suite_score(per_task),
         "model_path": model_path,
         "fingerprint": fingerprint,
         "device": _device(ev["device"]),

@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -73,27 +71,18 @@ def check_available(model: dict, data_dir: str, cache_dir: str) -> None:
 
 
 def _check_hub(model: dict) -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
+    from . import hub
 
     repo, rev = model["path"], model["revision"]
-    if isinstance(try_to_load_from_cache(repo, "config.json", revision=rev), str):
-        return  # cached locally: usable offline
-    hint = (
-        f"model '{model['name']}' ({repo}@{rev}) is not in the local Hugging Face cache and the hub is not reachable"
-    )
-    if constants.HF_HUB_OFFLINE:
-        raise QllmConfigError(f"{hint} (HF_HUB_OFFLINE is set). Offline, use model=smollm2-135m-instruct "
-                              f"or model=stories260k, or download it first on a machine with hub access.")
-    url = f"{constants.ENDPOINT}/api/models/{repo}/revision/{rev}"
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5)
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            return  # reachable but gated: transformers will use the user's token (huggingface-cli login)
-        raise QllmConfigError(f"model '{model['name']}': {repo}@{rev} not found on the hub (HTTP {e.code})") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise QllmConfigError(f"{hint} ({getattr(e, 'reason', e)}). Offline, use model=smollm2-135m-instruct "
-                              f"or model=stories260k.") from None
+    if hub.cached(repo, "model", "config.json", rev):
+        return  # in the local Hugging Face cache: usable offline
+    why = hub.unreachable(repo, "model", rev)
+    if why:
+        raise QllmConfigError(
+            f"model '{model['name']}' ({repo}@{rev}) is not in the local Hugging Face cache and {why}. "
+            "Offline, use model=smollm2-135m-instruct or model=stories260k, or download it first on a machine with "
+            "hub access."
+        )
 
 
 def hf_config(model: dict, data_dir: str, cache_dir: str) -> dict:

@@ -23,6 +23,7 @@ from . import config as _config  # noqa: F401  (registers the schema and resolve
 from . import stages, tracking
 from .cell import Cell, plan_cell
 from .errors import QllmConfigError
+from .results import primary_key
 
 
 def _print_summary(cell: Cell, results: dict, run_id: str, uri: str, quant: dict | None) -> None:
@@ -33,13 +34,14 @@ def _print_summary(cell: Cell, results: dict, run_id: str, uri: str, quant: dict
     for col in ("task", "metric", "value", "± stderr", "n", "shots"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for key, t in results["tasks"].items():
-        entry = cell.tasks[key]
-        primary = entry["metric"]
-        m = t["metrics"]
-        value, stderr = m.get(f"{primary},none"), m.get(f"{primary}_stderr,none")
-        table.add_row(key, primary, f"{value:.4f}" if isinstance(value, float) else str(value),
+        value, metric = t["primary"]["value"], t["primary"]["metric"]
+        name, _, filt = primary_key(metric).partition(",")
+        stderr = t["metrics"].get(f"{name}_stderr,{filt}")
+        table.add_row(key, metric, f"{value:.4f}" if isinstance(value, float) else str(value),
                       f"{stderr:.4f}" if isinstance(stderr, float) else "n/a",
-                      str(t["n_samples"]["effective"]), str(entry["num_fewshot"]))
+                      str(t["n_samples"]["effective"]), str(t["num_fewshot"]))
+    if results.get("suite"):
+        table.add_row("suite", "score_macro (0-100)", f"{results['suite']['score_macro']:.2f}", "", "", "")
     console = Console()
     console.print(table)
     if cell.model.get("note"):

@@ -25,6 +25,18 @@ def check_entry(key: str, entry: dict, data_dir: str) -> None:
     if entry["type"] not in TASK_TYPES:
         raise QllmConfigError(f"task '{key}': unknown type '{entry['type']}'; valid: {', '.join(TASK_TYPES)}")
     check_data_files(f"task '{key}'", entry.get("data_files", []), data_dir)
+    if entry.get("hub_dataset"):
+        from . import hub
+
+        ds = entry["hub_dataset"]
+        why = None if hub.cached(ds, "dataset", "README.md") else hub.unreachable(ds, "dataset")
+        if why:
+            twin = entry.get("offline_twin")
+            raise QllmConfigError(
+                f"task '{key}' reads {ds} from the Hugging Face hub, and {why}. "
+                + (f"Offline, use task={twin} (the same benchmark from data_dir)." if twin else
+                   "It has no offline twin; run it on a machine with hub access.")
+            )
 
 
 def check_data_files(what: str, files: list[str], data_dir: str) -> None:
@@ -63,6 +75,21 @@ def lm_eval_config(entry: dict, tokenizer: Any = None) -> dict:
     if "group" not in cfg:
         cfg["num_fewshot"] = entry.get("num_fewshot", 0)
     return cfg
+
+
+def lm_eval_spec(entry: dict, tokenizer: Any = None) -> tuple[str | dict, str]:
+    """What simple_evaluate gets for an entry, and the result name of the task or group it produces.
+    `lm_eval: {task: <registered name>}` alone is a registered (hub) task, passed by name."""
+    if set(entry["lm_eval"]) == {"task"} and not entry.get("lm_eval_builder"):
+        return entry["lm_eval"]["task"], entry["lm_eval"]["task"]
+    cfg = lm_eval_config(entry, tokenizer)
+    return cfg, cfg.get("group") or cfg["task"]
+
+
+def difficulty_of(entry: dict) -> Callable[[dict], Any] | str | None:
+    """The entry's difficulty: a constant label, a function of the document, or None."""
+    d = entry.get("difficulty")
+    return _resolve_function(d, {}) if isinstance(d, str) and d.startswith(_PY) else d
 
 
 # ---- WikiText-2 from the local raw file ----

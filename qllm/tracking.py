@@ -73,6 +73,8 @@ def cell_params(cell: Cell, task_name: str) -> dict[str, Any]:
     for k, v in (cell.calibration or {}).items():
         p[f"calibration.{k}"] = v
     for key, e in cell.tasks.items():
+        p[f"{key}.type"] = e["type"]
+        p[f"{key}.metric"] = e["metric"]
         p[f"{key}.num_fewshot"] = e["num_fewshot"]
         p[f"{key}.limit"] = e["limit"] if e["limit"] is not None else "all"
         if e.get("max_doc_tokens"):
@@ -82,18 +84,35 @@ def cell_params(cell: Cell, task_name: str) -> dict[str, Any]:
     return p
 
 
+def _metric_name(lm_eval_key: str) -> str:
+    """lm-eval's "acc,none" -> "acc"; "exact_match,strict-match" -> "exact_match_strict-match"."""
+    metric, _, filt = lm_eval_key.partition(",")
+    return metric if filt in ("", "none") else f"{metric}_{filt}"
+
+
 def task_metrics(results: dict) -> dict[str, float]:
-    """lm-eval's "acc,none" / "acc_stderr,none" as `<task>/acc` and `<task>/acc_stderr` (numbers only)."""
+    """Every number of the evaluate stage as an MLflow metric: `<task>/<metric>`, `<task>/<metric>_stderr`,
+    `<task>/score` (0-100), `<task>/n_samples`, `<task>/<subtask>/<metric>`, `<task>/difficulty/<label>/<metric>`,
+    and `suite/score_macro`."""
+    from .results import numeric_metrics, primary_key
+
     out: dict[str, float] = {}
     for key, t in results["tasks"].items():
-        for name, value in t["metrics"].items():
-            metric, _, filt = name.partition(",")
-            if metric in ("alias", "name", "sample_len") or not isinstance(value, (int, float)):
-                continue
-            suffix = "" if filt in ("", "none") else f"_{filt}"
-            out[f"{key}/{metric}{suffix}"] = float(value)
+        for name, value in numeric_metrics(t["metrics"]).items():
+            out[f"{key}/{_metric_name(name)}"] = value
+        for sub, metrics in t.get("subtasks", {}).items():
+            for name, value in metrics.items():
+                out[f"{key}/{sub}/{_metric_name(name)}"] = value
+        primary = _metric_name(primary_key(t["primary"]["metric"]))
+        for label, b in t.get("by_difficulty", {}).items():
+            out[f"{key}/difficulty/{label}/{primary}"] = b["mean"]
+            out[f"{key}/difficulty/{label}/n"] = b["n"]
+        if t.get("score") is not None:
+            out[f"{key}/score"] = t["score"]
         out[f"{key}/n_samples"] = float(t["n_samples"]["effective"])
         out[f"{key}/eval_wall_s"] = float(t["wall_s"])
+    for name, value in results.get("suite", {}).items():
+        out[f"suite/{name}"] = value
     return out
 
 

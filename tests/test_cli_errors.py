@@ -22,7 +22,7 @@ from conftest import run_qllm
         (["data_dir=/nonexistent"], ["calibration 'wikitext2'", "wiki.test.nonempty_lines.txt", "QLLM_DATA_DIR"]),
         (["method=rtn", "data_dir=/nonexistent"], ["task 'arc_easy'", "arc_easy/test.llmfoundry.jsonl"]),
     ],
-    ids=["model", "method", "task", "key", "nested-key", "bits-type", "smoothquant-w4", "bits-5", "hub", "calib-data", "task-data"],
+    ids=["model", "method", "task", "key", "nested-key", "bits-type", "smoothquant-w4", "bits-5", "hub", "calib-data", "task-data", "hub-task"],
 )
 def test_bad_input_fails_before_loading_weights(tmp_path, cache_dir, data_dir, args, expected):
     cache = tmp_path / "cache"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qllm.cell import CONF_DIR, compose_cell
+from qllm.cell import CONF_DIR, compose_cell, compose_config
 from qllm.errors import QllmConfigError
 
 
@@ -89,3 +89,47 @@ def test_paper_models_plan_their_group_sizes():
         if model["source"] != "hub":
             continue
         _check_group_size(rtn(4, [], model["group_size"]), model, model["arch"])  # raises if it does not divide
+
+
+@pytest.mark.parametrize("task,dataset,hint", [
+    ("arc_challenge", "allenai/ai2_arc", "Offline, use task=arc_challenge_offline"),
+    ("mmlu", "cais/mmlu", "Offline, use task=mmlu_offline"),
+    ("leaderboard_bbh", "SaylorTwift/bbh", "It has no offline twin"),
+])
+def test_hub_task_offline_names_its_twin(data_dir, monkeypatch, task, dataset, hint):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(QllmConfigError, match=f"reads {dataset} from the Hugging Face hub.*{hint}"):
+        plan("method=rtn", f"task={task}", data_dir=data_dir)
+
+
+def tasks_of(option: str) -> dict:
+    return compose_config([f"task={option}"]).task.tasks
+
+
+def test_paper13_suite_has_the_papers_benchmarks_and_shots():
+    shots = {k: e.num_fewshot for k, e in tasks_of("paper13").items()}
+    assert shots == {"arc_challenge": 25, "hellaswag": 10, "winogrande": 5, "truthfulqa_mc2": 0, "gsm8k": 5,
+                     "leaderboard_math_hard": 4, "mmlu": 5, "leaderboard_mmlu_pro": 5, "leaderboard_bbh": 3,
+                     "leaderboard_gpqa": 0, "leaderboard_musr": 0, "leaderboard_ifeval": 0}
+    types = {e.type for e in tasks_of("paper13").values()}
+    assert types == {"commonsense", "hallucination", "math", "knowledge", "instruction_following"}
+
+
+def test_suites_and_twins_are_consistent():
+    assert set(tasks_of("openllm_v1")) == {"arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande",
+                                           "gsm8k"}
+    assert set(tasks_of("openllm_v2")) == {"leaderboard_ifeval", "leaderboard_bbh", "leaderboard_math_hard",
+                                           "leaderboard_gpqa", "leaderboard_musr", "leaderboard_mmlu_pro"}
+    offline = tasks_of("offline")
+    assert len(offline) == 10 and all(e.data_files for e in offline.values())
+    assert all(e.hub_dataset is None for e in offline.values())
+    options = {f.stem for f in (CONF_DIR / "task").glob("*.yaml")}
+    for f in (CONF_DIR / "task").glob("*.yaml"):
+        for key, e in tasks_of(f.stem).items():
+            assert e.type in ("commonsense", "knowledge", "instruction_following", "hallucination", "math",
+                              "dialogue", "perplexity"), (f.stem, key)
+            if e.offline_twin:
+                assert e.offline_twin in options and e.offline_twin in offline, (key, e.offline_twin)
