@@ -157,8 +157,9 @@ def _plan_tasks(task_cfg: dict, data_dir: str, calibration: Optional[dict]) -> d
     entries = {}
     for key, entry in task_cfg["tasks"].items():
         entry = dict(entry)
-        if task_cfg.get("limit") is not None:
-            entry["limit"] = task_cfg["limit"]
+        for k in ("limit", "max_gen_toks"):  # suite-wide caps
+            if task_cfg.get(k) is not None:
+                entry[k] = task_cfg[k]
         tasks.check_entry(key, entry, data_dir)
         if calibration and entry["type"] == "perplexity" and calibration.get("source") == "local_text":
             # calibration documents come from the end of the same file: evaluation must stop before them

@@ -62,7 +62,8 @@ class TaskEntry:
     # inline group {group: ..., task: [...]}; "py:module.function" strings name Python functions
     lm_eval: dict[str, Any] = field(default_factory=dict)
     lm_eval_builder: Optional[str] = None  # "py:module.function": called with `lm_eval` as keywords, returns the config
-    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # generation overrides (e.g. a max_gen_toks cap on CPU)
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # generation overrides passed to lm-eval
+    max_gen_toks: Optional[int] = None  # generation tasks: cap on generated tokens (CPU runs); null: the task's own
     difficulty: Optional[str] = None  # a label for the whole task ("easy"), or "py:module.function" (doc -> label)
     hub_dataset: Optional[str] = None  # hub tasks: the dataset that must be reachable (checked at plan time)
     offline_twin: Optional[str] = None  # hub tasks: the task option that reads the same benchmark from data_dir
@@ -72,6 +73,7 @@ class TaskEntry:
 class TaskConfig:
     name: str = MISSING
     limit: Optional[int] = None  # overrides every task's limit when set
+    max_gen_toks: Optional[int] = None  # caps every generation task's output length when set (CPU runs)
     tasks: dict[str, TaskEntry] = field(default_factory=dict)
 
 

@@ -82,7 +82,7 @@ def evaluate(cell: Cell, model_path: str, out_dir: Path) -> dict:
             model=lm,
             tasks=[spec],
             num_fewshot=entry["num_fewshot"] if isinstance(spec, str) else None,  # inline configs carry their own
-            gen_kwargs=dict(entry.get("gen_kwargs") or {}) or None,
+            gen_kwargs=tasks.gen_kwargs(entry),
             limit=entry["limit"],
             log_samples=True,  # per-sample correctness is always kept (difficulty, flips); full logs only on request
             bootstrap_iters=ev["bootstrap_iters"],

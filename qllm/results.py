@@ -34,7 +34,10 @@ def summarize_task(res: dict, top: str, entry: dict) -> dict:
     groups = res.get("groups", {})
     metrics = dict(groups.get(top) or res["results"].get(top) or {})
     leaves = list(res["n-samples"])
-    subtasks = {name: numeric_metrics(m) for name, m in res["results"].items() if name != top and name in leaves}
+    # leaf tasks and intermediate groups (MMLU's categories); lm-eval names inline members "parent::child"
+    parts = {**res["results"], **{g: m for g, m in groups.items() if g != top}}
+    subtasks = {name.split("::")[-1]: numeric_metrics(m) for name, m in parts.items()
+                if name != top and (name in leaves or name in groups)}
     effective = sum(res["n-samples"][n]["effective"] for n in leaves)
     original = sum(res["n-samples"][n]["original"] for n in leaves)
     value = metrics.get(primary_key(entry["metric"]))

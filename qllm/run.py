@@ -110,8 +110,7 @@ def run_cell(cfg: DictConfig) -> None:
             fp = results["fingerprint"]
             mlflow.set_tags({"qllm.eval_speed": "dense (hf backend decompresses weights)",
                              "qllm.evaluated_weights": json.dumps(fp)})
-            if cfg.eval.log_samples:
-                mlflow.log_artifacts(results["out_dir"], "eval")
+            mlflow.log_artifacts(results["out_dir"], "eval")  # per-sample correctness; full samples if asked
             for log in (workdir / "stages").glob("*.log"):
                 mlflow.log_artifact(str(log), "logs")
             mlflow.set_tag(tracking.STATUS, "finished")

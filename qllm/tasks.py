@@ -25,6 +25,8 @@ def check_entry(key: str, entry: dict, data_dir: str) -> None:
     if entry["type"] not in TASK_TYPES:
         raise QllmConfigError(f"task '{key}': unknown type '{entry['type']}'; valid: {', '.join(TASK_TYPES)}")
     check_data_files(f"task '{key}'", entry.get("data_files", []), data_dir)
+    if entry.get("lm_eval_builder"):  # families (MMLU's 57 subjects) check their own files when built
+        lm_eval_config(entry)
     if entry.get("hub_dataset"):
         from . import hub
 
@@ -69,7 +71,9 @@ def lm_eval_config(entry: dict, tokenizer: Any = None) -> dict:
             return [resolve(v) for v in value]
         return value
 
-    cfg = resolve(dict(entry["lm_eval"]))
+    raw = dict(entry["lm_eval"])
+    # The data loader first: it may prepare what the task's other functions need at import (IFEval's nltk data).
+    cfg = {k: resolve(raw[k]) for k in sorted(raw, key=lambda k: k != "custom_dataset")}
     if entry.get("lm_eval_builder"):
         cfg = _resolve_function(entry["lm_eval_builder"], bindings)(**cfg)
     if "group" not in cfg:
@@ -83,7 +87,26 @@ def lm_eval_spec(entry: dict, tokenizer: Any = None) -> tuple[str | dict, str]:
     if set(entry["lm_eval"]) == {"task"} and not entry.get("lm_eval_builder"):
         return entry["lm_eval"]["task"], entry["lm_eval"]["task"]
     cfg = lm_eval_config(entry, tokenizer)
-    return cfg, cfg.get("group") or cfg["task"]
+    if "group" in cfg:
+        return inline_group(cfg), cfg["group"]
+    return cfg, cfg["task"]
+
+
+def inline_group(cfg: dict) -> Any:
+    """lm-eval's Group for an inline group dict. lm-eval 0.4.13's TaskManager.load([group_dict]) passes the group's
+    own keys (aggregate_metric_list, ...) down to its inline members, which then fail to build; its TaskFactory
+    builds the same group without that leak (a private API: lm-eval is pinned)."""
+    from lm_eval.tasks._factory import TaskFactory
+
+    return TaskFactory()._build_group(cfg["group"], dict(cfg), None, {})
+
+
+def gen_kwargs(entry: dict) -> dict | None:
+    """Generation overrides for simple_evaluate: the entry's gen_kwargs plus its max_gen_toks cap."""
+    kw = dict(entry.get("gen_kwargs") or {})
+    if entry.get("max_gen_toks"):
+        kw["max_gen_toks"] = entry["max_gen_toks"]
+    return kw or None
 
 
 def difficulty_of(entry: dict) -> Callable[[dict], Any] | str | None:

@@ -77,8 +77,9 @@ def cell_params(cell: Cell, task_name: str) -> dict[str, Any]:
         p[f"{key}.metric"] = e["metric"]
         p[f"{key}.num_fewshot"] = e["num_fewshot"]
         p[f"{key}.limit"] = e["limit"] if e["limit"] is not None else "all"
-        if e.get("max_doc_tokens"):
-            p[f"{key}.max_doc_tokens"] = e["max_doc_tokens"]
+        for cap in ("max_doc_tokens", "max_gen_toks"):
+            if e.get(cap):
+                p[f"{key}.{cap}"] = e[cap]
     for lib, v in {**cell.quant_versions, **cell.eval_versions}.items():
         p[f"version.{lib}"] = v
     return p

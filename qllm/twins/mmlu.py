@@ -15,9 +15,10 @@ What differs from the hub task, and why:
   stays the exact string (no pandas type guessing; whitespace kept, as in the hub, which the template `.strip()`s).
   Splits: `test` (14,042 rows) and `dev` (285 rows, 5 per subject); the hub's `validation` and `auxiliary_train`
   are absent, and lm-eval's default MMLU uses neither.
-- Few-shot: none. lm-eval takes the 5 shots from the subject's `dev` split with the `first_n` sampler (the first
-  five dev rows, in file order); the twin has the same dev split, so the shots are the same. (The sampler removes the
-  current doc from the pool, but test docs are never in the dev pool anyway.)
+- Few-shot examples: no difference. lm-eval takes the 5 shots from the subject's `dev` split with the `first_n`
+  sampler (the first five dev rows, in order); the local data has the same dev split, so the shots are the same.
+  (lm-eval 0.4.13's FirstNSampler removes the current doc from the pool, `rm_eval_doc`, but a test doc is never in
+  the dev pool anyway.)
 - Names: the group is `mmlu_offline`, its category groups `mmlu_offline_<category>` and the subject tasks
   `mmlu_offline_<subject>`; lm-eval namespaces inline members under their parent, so results are keyed e.g.
   `mmlu_offline::mmlu_offline_stem::mmlu_offline_abstract_algebra`. Aliases (`abstract_algebra`, `stem`) are lm-eval's.
@@ -26,10 +27,17 @@ What differs from the hub task, and why:
 
 Scores: the top-level `acc` is weighted by subject size at both levels (lm-eval's weight_by_size), so it equals the
 mean over all evaluated questions; `limit` applies per subject.
+
+lm-eval 0.4.13 cannot take this inline group as a dict: `TaskManager.load([group_dict])` passes the whole dict as
+overrides to every member (`TaskFactory.build(entry, overrides=spec)` -> `_build_group(..., overrides)`), so each
+inline subject task gets `group`/`aggregate_metric_list` keys and `TaskConfig(**cfg)` raises TypeError ("unexpected
+keyword argument 'aggregate_metric_list'"; the same for any inline group with an aggregate). `qllm.tasks.inline_group`
+builds the lm-eval `Group` object from the dict without those overrides; simple_evaluate accepts Group objects.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 from pathlib import Path
@@ -48,7 +56,8 @@ def lm_eval_mmlu_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _lm_eval_configs() -> tuple[dict, dict[str, dict], dict[str, dict]]:
-    """lm-eval's own configs: the top group, the category groups (by category) and the subject tasks (by subject)."""
+    """lm-eval's own configs: the top group, the category groups (by category) and the subject tasks (by subject).
+    Cached: callers deep-copy what they hand out."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     folder = lm_eval_mmlu_dir()
@@ -118,7 +127,8 @@ def check_files(path: str | Path) -> None:
 def subject_task(subject: str, path: str, num_fewshot: int, name: str = "mmlu_offline") -> dict:
     """lm-eval's `mmlu_<subject>` config with the local data as its dataset."""
     _, _, subjects = _lm_eval_configs()
-    cfg = {k: v for k, v in subjects[subject].items() if k not in ("dataset_path", "dataset_name", "tag", "task")}
+    cfg = {k: copy.deepcopy(v) for k, v in subjects[subject].items()
+           if k not in ("dataset_path", "dataset_name", "tag", "task")}
     return {
         "task": f"{name}_{subject}",
         **cfg,
@@ -137,12 +147,12 @@ def group_config(path: str, num_fewshot: int = 5, name: str = "mmlu_offline", **
     members = []
     for category, cat_cfg in categories.items():
         members.append({
-            **{k: v for k, v in cat_cfg.items() if k not in ("group", "task")},  # group_alias, aggregate, metadata
+            **copy.deepcopy({k: v for k, v in cat_cfg.items() if k not in ("group", "task")}),  # alias, aggregate..
             "group": f"{name}_{category}",
             "task": [subject_task(s, path, num_fewshot, name) for s, c in by_category.items() if c == category],
         })
     return {
-        **{k: v for k, v in top.items() if k not in ("group", "task")},  # aggregate_metric_list, metadata
+        **copy.deepcopy({k: v for k, v in top.items() if k not in ("group", "task")}),  # aggregate_metric_list..
         "group": name,
         "task": members,
     }

@@ -42,7 +42,10 @@ def load(path: str, **_: Any) -> Any:
     """lm-eval `custom_dataset`: mc_task.json as the hub's DatasetDict (one `validation` split, hub features)."""
     import datasets
 
-    targets = {"choices": datasets.Sequence(datasets.Value("string")), "labels": datasets.Sequence(datasets.Value("int32"))}
+    targets = {
+        "choices": datasets.Sequence(datasets.Value("string")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+    }
     features = datasets.Features(
         {"question": datasets.Value("string"), "mc1_targets": targets, "mc2_targets": targets}
     )
