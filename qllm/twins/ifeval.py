@@ -21,10 +21,9 @@ punkt_tab is not on nltk's path (offline that is a failed fetch attempt and, lat
 NLTK's punkt_tab English tables as Python literals) into `<cache_dir>/nltk_data` (or $QLLM_NLTK_DATA) and puts that
 folder first on `nltk.data.path` and $NLTK_DATA. The `load` loader calls it, so it runs in the evaluate stage.
 
-Import order: qllm resolves the "py:" references of the task's `lm_eval:` dict in key order, and resolving
-"py:lm_eval.tasks.ifeval.utils.process_results" imports lm-eval's ifeval modules -- before lm-eval calls
-`custom_dataset`. So `custom_dataset` (this module) is the FIRST "py:" key of the YAML, and importing this module
-pre-imports lm-eval's `instructions_util` with `nltk.download` refused (see `_import_checkers_offline`): nothing is
+Import order: resolving "py:lm_eval.tasks.ifeval.utils.process_results" imports lm-eval's ifeval modules before
+lm-eval calls `custom_dataset`. qllm.tasks.lm_eval_config therefore resolves `custom_dataset` (this module) before
+every other "py:" reference of the task, and importing this module pre-imports lm-eval's `instructions_util` with `nltk.download` refused (see `_import_checkers_offline`): nothing is
 fetched, and punkt_tab is in place (from `load`) before the first response is checked.
 """
 
