@@ -100,6 +100,8 @@ class EvalConfig:
     batch_size: int = 8
     max_length: Optional[int] = None  # model context used by lm-eval (null: the model's own)
     log_samples: bool = False
+    # instruct models as chatted with: prompts (and few-shot turns) through the tokenizer's chat template
+    apply_chat_template: bool = False
     bootstrap_iters: int = 1000  # stderr of non-mean metrics (perplexity); lm-eval's 100000 is minutes on CPU
     seed: int = 1234
 

@@ -84,6 +84,8 @@ def evaluate(cell: Cell, model_path: str, out_dir: Path) -> dict:
             num_fewshot=entry["num_fewshot"] if isinstance(spec, str) else None,  # inline configs carry their own
             gen_kwargs=tasks.gen_kwargs(entry),
             limit=entry["limit"],
+            apply_chat_template=bool(ev.get("apply_chat_template")),
+            fewshot_as_multiturn=bool(ev.get("apply_chat_template")),
             log_samples=True,  # per-sample correctness is always kept (difficulty, flips); full logs only on request
             bootstrap_iters=ev["bootstrap_iters"],
             random_seed=ev["seed"],

@@ -66,7 +66,8 @@ def cell_params(cell: Cell, task_name: str) -> dict[str, Any]:
         "model.params_b": cell.model["params_b"], "method": cell.method, "bits": cell.bits or "none",
         "scheme": cell.scheme, "group_size": cell.group_size or "none", "task": task_name,
         "tasks": ",".join(cell.tasks), "eval.backend": cell.eval["backend"],
-        "eval.batch_size": cell.eval["batch_size"], "seed": cell.seed, "git_commit": git_commit(),
+        "eval.batch_size": cell.eval["batch_size"],
+        "eval.apply_chat_template": cell.eval.get("apply_chat_template", False), "seed": cell.seed, "git_commit": git_commit(),
     }
     if cell.model.get("note"):
         p["model.note"] = cell.model["note"]
