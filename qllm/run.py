@@ -53,6 +53,11 @@ def _print_summary(cell: Cell, results: dict, run_id: str, uri: str, quant: dict
     console.print(f"MLflow: run {run_id} in {uri} — browse with `make ui` (experiment runs under 'Model training')")
 
 
+def _log_stage_logs(workdir: Path) -> None:
+    for log in (workdir / "stages").glob("*.log"):
+        mlflow.log_artifact(str(log), "logs")
+
+
 def run_cell(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     exp_id = tracking.configure(cfg.tracking)
@@ -111,8 +116,7 @@ def run_cell(cfg: DictConfig) -> None:
             mlflow.set_tags({"qllm.eval_speed": "dense (hf backend decompresses weights)",
                              "qllm.evaluated_weights": json.dumps(fp)})
             mlflow.log_artifacts(results["out_dir"], "eval")  # per-sample correctness; full samples if asked
-            for log in (workdir / "stages").glob("*.log"):
-                mlflow.log_artifact(str(log), "logs")
+            _log_stage_logs(workdir)
             mlflow.set_tag(tracking.STATUS, "finished")
         except KeyboardInterrupt:
             mlflow.set_tag(tracking.STATUS, "killed")
@@ -121,8 +125,7 @@ def run_cell(cfg: DictConfig) -> None:
         except Exception as e:  # one failing cell must not take the sweep down
             mlflow.set_tags({tracking.STATUS: "failed", "qllm.error": str(e)[:5000]})
             mlflow.log_text(traceback.format_exc(), "error.txt")
-            for log in (workdir / "stages").glob("*.log"):
-                mlflow.log_artifact(str(log), "logs")
+            _log_stage_logs(workdir)
             mlflow.end_run("FAILED")
             print(f"[qllm] FAILED {name}: {e}", file=sys.stderr, flush=True)
             if not multirun:

@@ -20,9 +20,11 @@ from conftest import run_qllm
         (["method=rtn", "bits=5"], ["does not support bits=5; valid bits: 2, 3, 4, 8"]),
         (["model=llama-2-7b-chat"], ["meta-llama/Llama-2-7b-chat-hf", "hub is not reachable"]),
         (["data_dir=/nonexistent"], ["calibration 'wikitext2'", "wiki.test.nonempty_lines.txt", "QLLM_DATA_DIR"]),
-        (["method=rtn", "data_dir=/nonexistent"], ["task 'arc_easy'", "arc_easy/test.llmfoundry.jsonl"]),
+        (["method=rtn", "data_dir=/nonexistent"], ["task 'arc_easy_offline'", "arc_easy/test.llmfoundry.jsonl"]),
+        (["task=gsm8k"], ["reads openai/gsm8k from the Hugging Face hub", "use task=gsm8k_offline"]),
     ],
-    ids=["model", "method", "task", "key", "nested-key", "bits-type", "smoothquant-w4", "bits-5", "hub", "calib-data", "task-data", "hub-task"],
+    ids=["model", "method", "task", "key", "nested-key", "bits-type", "smoothquant-w4", "bits-5", "hub", "calib-data",
+         "task-data", "hub-task"],
 )
 def test_bad_input_fails_before_loading_weights(tmp_path, cache_dir, data_dir, args, expected):
     cache = tmp_path / "cache"

@@ -58,6 +58,16 @@ def test_every_cell_logs_metrics_params_and_artifacts(sweep):
     assert (quantized["metrics.size/checkpoint_mb"] > 0).all()
     assert quantized["tags.qllm.checkpoint_sha256"].str.len().eq(64).all()
 
+    client = MlflowClient()
+    for run_id, method in zip(done["run_id"], done["params.method"]):
+        names = {a.path for a in client.list_artifacts(run_id)}
+        assert {"config.yaml", "cell.json", "results.json", "logs", "eval"} <= names, names
+        if method != "none":  # the tiny checkpoints are under tracking.log_checkpoint_max_mb: logged whole
+            assert {"recipe.yaml", "manifest.json", "checkpoint"} <= names, names
+        evals = {a.path for a in client.list_artifacts(run_id, "eval")}
+        for key in ("arc_easy_offline", "wikitext_offline"):
+            assert {f"eval/per_sample_{key}.jsonl", f"eval/samples_{key}.jsonl"} <= evals, evals
+
 
 def test_evaluated_weights_are_the_quantized_ones(sweep):
     _, runs = sweep
