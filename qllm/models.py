@@ -20,10 +20,6 @@ from .errors import QllmConfigError
 SOURCES = ("hub", "local", "gguf_package", "llama2c", "random")
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
-
-
 def source_file(model: Any, data_dir: str) -> Path | None:
     """The single file a converted model is built from (GGUF, llama2c .bin); None for hub/local/random."""
     source, path, file = model["source"], model["path"], model.get("file")

@@ -114,8 +114,10 @@ def quantize(cell: Cell, force: bool = False) -> dict:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared with the MLflow UI and other users
-        if force and out.exists():
-            shutil.rmtree(out)
+        if force and out.exists():  # move the old one aside first: a half-deleted dir must never look complete
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            shutil.rmtree(old)
         try:
             os.rename(tmp, out)  # atomic; fails if another job finished the same checkpoint first
         except OSError:
