@@ -99,10 +99,11 @@ def _check_group_size(recipe: Recipe, model: dict, config: dict) -> None:
         return
     if g <= 0:
         raise QllmConfigError(f"group_size must be a positive integer or null (per-channel); got {g}")
-    bad = {name: width for name, width in models.linear_in_features(config).items() if width % g}
+    widths_by_layer = models.linear_in_features(config)
+    bad = {name: width for name, width in widths_by_layer.items() if width % g}
     if bad:
         widths = ", ".join(f"{n} = {w}" for n, w in bad.items())
-        divisors = sorted({d for d in (32, 64, 128, 256) if all(w % d == 0 for w in models.linear_in_features(config).values())})
+        divisors = [d for d in (32, 64, 128, 256) if all(w % d == 0 for w in widths_by_layer.values())]
         raise QllmConfigError(
             f"group_size {g} does not divide the input width of model '{model['name']}' layers: {widths}. "
             f"Valid group sizes for this model: {', '.join(map(str, divisors)) or 'none of 32/64/128/256'} "
@@ -124,7 +125,7 @@ def plan_cell(cfg: DictConfig) -> Cell:
         )
 
     recipe = _build_recipe(method, bits, model)
-    models.check_available(model, data_dir, cache_dir)
+    models.check_available(model, data_dir)
     if recipe.group_size:
         _check_group_size(recipe, model, models.hf_config(model, data_dir, cache_dir))
 

@@ -47,7 +47,7 @@ def converted_dir(model: dict, cache_dir: str) -> Path:
     return Path(cache_dir) / "models" / f"{model['name']}-{digest}"
 
 
-def check_available(model: dict, data_dir: str, cache_dir: str) -> None:
+def check_available(model: dict, data_dir: str) -> None:
     """Fail fast, before any weights are loaded, when the model's source cannot be reached."""
     source = model["source"]
     if source not in SOURCES:

@@ -111,7 +111,6 @@ def run_cell(cfg: DictConfig) -> None:
             results = stages.evaluate(cell, workdir / "stages", launch, quant["checkpoint"] if quant else None)
             mlflow.log_metrics(tracking.task_metrics(results))
             mlflow.log_metric("evaluate/stage_wall_s", results["stage_wall_s"])
-            mlflow.log_dict(results, "results.json")
             fp = results["fingerprint"]
             mlflow.set_tags({"qllm.eval_speed": "dense (hf backend decompresses weights)",
                              "qllm.evaluated_weights": json.dumps(fp)})
