@@ -60,6 +60,9 @@ class Cell:
     eval_versions: dict
     quant_key: str
     key: str  # the cell key: evaluation settings + quant_key
+    # per task: quant_key + that task's entry + evaluation settings (a finished task is reused by any cell with the
+    # same task key, e.g. across suites, or when an interrupted cell resumes)
+    task_keys: dict
 
     @property
     def name(self) -> str:
@@ -144,11 +147,15 @@ def plan_cell(cfg: DictConfig) -> Cell:
     ev = c["eval"]
     eval_versions = _versions(EVAL_LIBS)
     key = _digest({"quant_key": quant_key, "tasks": task_entries, "eval": ev, "versions": eval_versions})
+    ev_results = {k: v for k, v in ev.items() if k != "log_samples"}  # what to keep, not what is computed
+    task_keys = {t: _digest({"quant_key": quant_key, "task": e, "eval": ev_results, "versions": eval_versions})
+                 for t, e in task_entries.items()}
     return Cell(
         model=model, method=method["name"], bits=bits, scheme=recipe.scheme if bits else model["dtype"],
         group_size=recipe.group_size, recipe=recipe.as_llmcompressor() if bits else {}, calibration=calibration,
         tasks=task_entries, eval=ev, seed=c["seed"], data_dir=data_dir, cache_dir=cache_dir,
         quant_versions=quant_versions, eval_versions=eval_versions, quant_key=quant_key, key=key,
+        task_keys=task_keys,
     )
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from . import cache, results
 from .cell import Cell
 
 
@@ -50,17 +52,86 @@ def weight_fingerprint(model: Any, group_size: int | None) -> dict:
     }
 
 
-def evaluate(cell: Cell, model_path: str, out_dir: Path) -> dict:
+def eval_dir(cell: Cell, task: str) -> Path:
+    bits = f"w{cell.bits}" if cell.bits else cell.model["dtype"]
+    return Path(cell.cache_dir) / "evals" / f"{cell.model['name']}-{cell.method}-{bits}-{task}-{cell.task_keys[task]}"
+
+
+def _reusable(cell: Cell, force: bool) -> dict[str, dict]:
+    """Tasks of this cell already evaluated (same task key) by an earlier or interrupted run."""
+    if force:
+        return {}
+    found = {}
+    for key in cell.tasks:
+        hit = cache.load_eval(eval_dir(cell, key), need_samples=bool(cell.eval["log_samples"]))
+        if hit is not None:
+            found[key] = hit
+    return found
+
+
+def evaluate(cell: Cell, model_path: str | None, out_dir: Path, force: bool = False) -> dict:
+    """Evaluate the cell's tasks that have no finished result in the cache; each task's result is cached as soon
+    as it finishes, so an interrupted cell resumes with the missing tasks only. The model is loaded only if a task
+    is left to run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    reused = _reusable(cell, force)
+    per_task: dict[str, Any] = {}
+    fingerprint: dict | None = None
+    for key, hit in reused.items():
+        print(f"[qllm] evaluate: {key}: reusing the result finished {hit['finished']} (task key "
+              f"{cell.task_keys[key]}; force=true evaluates again)", flush=True)
+        per_task[key] = {**hit["summary"], "reused": True}
+        fingerprint = fingerprint or hit["fingerprint"]
+        for name in ("per_sample.jsonl", "samples.jsonl"):
+            if (eval_dir(cell, key) / name).is_file() and (name != "samples.jsonl" or cell.eval["log_samples"]):
+                shutil.copyfile(eval_dir(cell, key) / name, out_dir / f"{name[:-6]}_{key}.jsonl")
+
+    todo = [k for k in cell.tasks if k not in reused]
+    load_s = 0.0
+    if todo:
+        lm, load_s, model_path = _load(cell, model_path)
+        for key in todo:
+            per_task[key] = _evaluate_task(cell, lm, key, out_dir)
+            if key == todo[0]:  # after a forward pass: transformers decompresses compressed-tensors weights lazily
+                fingerprint = weight_fingerprint(lm.model, cell.group_size)
+            files = {"per_sample.jsonl": out_dir / f"per_sample_{key}.jsonl"}
+            if cell.eval["log_samples"]:
+                files["samples.jsonl"] = out_dir / f"samples_{key}.jsonl"
+            cache.save_eval(eval_dir(cell, key), {
+                "summary": per_task[key], "fingerprint": fingerprint, "task": key, "task_key": cell.task_keys[key],
+                "cell": cell.name, "model": cell.model["name"], "method": cell.method, "bits": cell.bits,
+                "quant_key": cell.quant_key, "model_path": model_path,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }, files)
+
+    per_task = {k: per_task[k] for k in cell.tasks}  # the suite's order
+    result = {
+        "tasks": per_task,
+        "suite": results.suite_score(per_task),
+        "reused_tasks": sorted(reused),
+        "evaluated_tasks": todo,
+        "model_path": model_path,
+        "fingerprint": fingerprint,
+        "device": _device(cell.eval["device"]) if todo else None,
+        "speed_note": "hf backend: compressed-tensors weights are decompressed to dense; speed is dense speed",
+        "wall_s": {"load": round(load_s, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _load(cell: Cell, model_path: str | None) -> tuple[Any, float, str]:
     import torch
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from . import results, tasks
+    t0 = time.perf_counter()
+    if model_path is None:
+        from .models import prepare
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+        model_path = prepare(cell.model, cell.data_dir, cell.cache_dir)
     torch.manual_seed(cell.seed)
     ev = cell.eval
-    t0 = time.perf_counter()
     rev = cell.model["revision"] if (cell.model["source"] == "hub" and not cell.quantized) else None
     lm = HFLM(
         pretrained=model_path,
@@ -71,53 +142,44 @@ def evaluate(cell: Cell, model_path: str, out_dir: Path) -> dict:
         max_length=ev.get("max_length"),
         trust_remote_code=bool(cell.model.get("trust_remote_code")),
     )
-    load_s = time.perf_counter() - t0
+    return lm, time.perf_counter() - t0, model_path
 
-    per_task: dict[str, Any] = {}
-    for key, entry in cell.tasks.items():
-        print(f"[qllm] evaluate: {key} ({entry['num_fewshot']}-shot, limit {entry['limit']}) ...", flush=True)
-        t = time.perf_counter()
-        spec, top = tasks.lm_eval_spec(entry, lm.tokenizer)
-        res = simple_evaluate(
-            model=lm,
-            tasks=[spec],
-            num_fewshot=entry["num_fewshot"] if isinstance(spec, str) else None,  # inline configs carry their own
-            gen_kwargs=tasks.gen_kwargs(entry),
-            limit=entry["limit"],
-            apply_chat_template=bool(ev.get("apply_chat_template")),
-            fewshot_as_multiturn=bool(ev.get("apply_chat_template")),
-            log_samples=True,  # per-sample correctness is always kept (difficulty, flips); full logs only on request
-            bootstrap_iters=ev["bootstrap_iters"],
-            random_seed=ev["seed"],
-            numpy_random_seed=ev["seed"],
-            torch_random_seed=ev["seed"],
-            fewshot_random_seed=ev["seed"],
-        )
-        summary = results.summarize_task(res, top, entry)
-        records = results.per_sample_records(res, tasks.difficulty_of(entry))
-        summary["by_difficulty"] = results.by_difficulty(records, entry["metric"])
-        summary["wall_s"] = round(time.perf_counter() - t, 2)
-        per_task[key] = summary
-        with open(out_dir / f"per_sample_{key}.jsonl", "w") as f:
-            f.writelines(json.dumps(r, default=str) + "\n" for r in records)
-        if ev["log_samples"]:
-            with open(out_dir / f"samples_{key}.jsonl", "w") as f:
-                for leaf_samples in res["samples"].values():
-                    f.writelines(json.dumps(x, default=str) + "\n" for x in leaf_samples)
 
-    # after the forward passes: transformers decompresses compressed-tensors weights lazily, on the first forward
-    fingerprint = weight_fingerprint(lm.model, cell.group_size)
-    result = {
-        "tasks": per_task,
-        "suite": results.suite_score(per_task),
-        "model_path": model_path,
-        "fingerprint": fingerprint,
-        "device": _device(ev["device"]),
-        "speed_note": "hf backend: compressed-tensors weights are decompressed to dense; speed is dense speed",
-        "wall_s": {"load": round(load_s, 2), "total": round(time.perf_counter() - t0, 2)},
-    }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    return result
+def _evaluate_task(cell: Cell, lm: Any, key: str, out_dir: Path) -> dict:
+    from lm_eval import simple_evaluate
+
+    from . import tasks
+
+    ev, entry = cell.eval, cell.tasks[key]
+    print(f"[qllm] evaluate: {key} ({entry['num_fewshot']}-shot, limit {entry['limit']}) ...", flush=True)
+    t = time.perf_counter()
+    spec, top = tasks.lm_eval_spec(entry, lm.tokenizer)
+    res = simple_evaluate(
+        model=lm,
+        tasks=[spec],
+        num_fewshot=entry["num_fewshot"] if isinstance(spec, str) else None,  # inline configs carry their own
+        gen_kwargs=tasks.gen_kwargs(entry),
+        limit=entry["limit"],
+        apply_chat_template=bool(ev.get("apply_chat_template")),
+        fewshot_as_multiturn=bool(ev.get("apply_chat_template")),
+        log_samples=True,  # per-sample correctness is always kept (difficulty, flips); full logs only on request
+        bootstrap_iters=ev["bootstrap_iters"],
+        random_seed=ev["seed"],
+        numpy_random_seed=ev["seed"],
+        torch_random_seed=ev["seed"],
+        fewshot_random_seed=ev["seed"],
+    )
+    summary = results.summarize_task(res, top, entry)
+    records = results.per_sample_records(res, tasks.difficulty_of(entry))
+    summary["by_difficulty"] = results.by_difficulty(records, entry["metric"])
+    summary["wall_s"] = round(time.perf_counter() - t, 2)
+    with open(out_dir / f"per_sample_{key}.jsonl", "w") as f:
+        f.writelines(json.dumps(r, default=str) + "\n" for r in records)
+    if ev["log_samples"]:
+        with open(out_dir / f"samples_{key}.jsonl", "w") as f:
+            for leaf_samples in res["samples"].values():
+                f.writelines(json.dumps(x, default=str) + "\n" for x in leaf_samples)
+    return summary
 
 
 def main() -> None:
@@ -125,13 +187,10 @@ def main() -> None:
     p.add_argument("--cell", required=True, type=Path)
     p.add_argument("--model", default=None, help="checkpoint dir to evaluate (default: the cell's base model)")
     p.add_argument("--out", required=True, type=Path, help="output dir (results.json, samples)")
+    p.add_argument("--force", action="store_true", help="evaluate every task again, even those finished earlier")
     a = p.parse_args()
     cell = Cell.from_json(a.cell.read_text())
-    if a.model is None:
-        from .models import prepare
-
-        a.model = prepare(cell.model, cell.data_dir, cell.cache_dir)
-    evaluate(cell, a.model, a.out)
+    evaluate(cell, a.model, a.out, a.force)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -125,24 +123,28 @@ def prepare(model: dict, data_dir: str, cache_dir: str) -> str:
     out = converted_dir(model, cache_dir)
     if (out / "config.json").is_file():
         return str(out)
-    src = source_file(model, data_dir)
-    if src is not None and model.get("sha256"):
-        _verify_sha256(src, model["sha256"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        if source == "gguf_package":
-            _convert_gguf(src, tmp, model["dtype"])
-        elif source == "llama2c":
-            from .llama2c import convert_llama2c
+    from . import cache
 
-            shutil.rmtree(tmp)
-            convert_llama2c(src, src.parent / model.get("tokenizer", "tok512.model"), tmp)
-        elif source == "random":
-            _random_init(model, src, tmp)
-        os.replace(tmp, out)  # atomic: a killed conversion never leaves a dir that looks complete
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with cache.locked(out):  # parallel jobs convert once
+        if (out / "config.json").is_file():
+            return str(out)
+        src = source_file(model, data_dir)
+        if src is not None and model.get("sha256"):
+            _verify_sha256(src, model["sha256"])
+        tmp = cache.temp_dir(out)
+        try:
+            if source == "gguf_package":
+                _convert_gguf(src, tmp, model["dtype"])
+            elif source == "llama2c":
+                from .llama2c import convert_llama2c
+
+                shutil.rmtree(tmp)
+                convert_llama2c(src, src.parent / model.get("tokenizer", "tok512.model"), tmp)
+            elif source == "random":
+                _random_init(model, src, tmp)
+            cache.publish(tmp, out)  # atomic: a killed conversion never leaves a dir that looks complete
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
 

@@ -8,54 +8,40 @@ manifest (config, versions, wall time, sizes, checksums): a killed job never lea
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+from . import cache
 from .cell import Cell
-
-MANIFEST = "qllm_manifest.json"
 
 
 def checkpoint_dir(cell: Cell) -> Path:
     return Path(cell.cache_dir) / "quantized" / f"{cell.model['name']}-{cell.method}-w{cell.bits}-{cell.quant_key}"
 
 
-def read_manifest(path: Path) -> dict | None:
-    """The manifest of a complete checkpoint, or None (absent, partial or unreadable)."""
-    try:
-        return json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _file_digests(root: Path) -> dict[str, dict]:
-    out = {}
-    for f in sorted(root.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            out[str(f.relative_to(root))] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
-    return out
-
-
 def quantize(cell: Cell, force: bool = False) -> dict:
-    """Quantize once; return the manifest (reused when the checkpoint is already in the cache, unless forced)."""
+    """Quantize once; return the manifest. A cached checkpoint is reused when it passes its integrity check (unless
+    forced); parallel jobs needing the same checkpoint wait for the one making it."""
     out = checkpoint_dir(cell)
-    manifest = read_manifest(out)
-    if manifest is not None and not force:
-        print(f"[qllm] quantize: reusing cached checkpoint {out}", flush=True)
-        return {**manifest, "reused": True}
+    with cache.locked(out):
+        if not force and out.exists():
+            problem = cache.verify(out)
+            if problem is None:
+                print(f"[qllm] quantize: reusing cached checkpoint {out} (integrity verified)", flush=True)
+                cache.touch(out)
+                return {**cache.read_manifest(out), "reused": True}  # type: ignore[dict-item]
+            moved = cache.quarantine(out)
+            print(f"[qllm] quantize: cached checkpoint {out.name} failed its integrity check ({problem}); "
+                  f"moved aside to {moved.name}, quantizing again", flush=True)
+        return _quantize(cell, out, force)
 
+
+def _quantize(cell: Cell, out: Path, force: bool) -> dict:
     import torch
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,12 +73,11 @@ def quantize(cell: Cell, force: bool = False) -> dict:
     oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
     t_quant = time.perf_counter() - t1
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = cache.temp_dir(out)
     try:
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
-        files = _file_digests(tmp)
+        files = cache.file_digests(tmp)
         manifest = {
             "cell_quant_key": cell.quant_key,
             "model": cell.model,
@@ -112,17 +97,8 @@ def quantize(cell: Cell, force: bool = False) -> dict:
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared with the MLflow UI and other users
-        if force and out.exists():  # move the old one aside first: a half-deleted dir must never look complete
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            shutil.rmtree(old)
-        try:
-            os.rename(tmp, out)  # atomic; fails if another job finished the same checkpoint first
-        except OSError:
-            if read_manifest(out) is None:
-                raise
+        (tmp / cache.MANIFEST).write_text(json.dumps(manifest, indent=2))
+        cache.publish(tmp, out, replace=force)  # atomic: a killed job leaves only a hidden temp dir
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**manifest, "reused": False}

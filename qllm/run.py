@@ -7,8 +7,8 @@ in their own processes, and logs everything to MLflow. It imports no torch itsel
 from __future__ import annotations
 
 import json
-import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -58,6 +58,34 @@ def _log_stage_logs(workdir: Path) -> None:
         mlflow.log_artifact(str(log), "logs")
 
 
+def _already_done(cfg: DictConfig, cell: Cell, exp_id: str, parent: str | None, name: str, tags: dict,
+                  multirun: bool) -> bool:
+    """Resume: a cell whose evaluation already finished (same cell key) is not run again unless force=true.
+    Within one sweep that is a duplicate cell (skipped); from an earlier run it is reused (its metrics are linked)."""
+    if cfg.force:
+        return False
+    done = tracking.find_finished_cell(exp_id, cell.key)
+    if done is None:
+        return False
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(done.info.start_time / 1000))
+    earlier = f"run '{done.info.run_name}' ({done.info.run_id}, {when})"
+    params = tracking.cell_params(cell, cfg.task.name)
+    if parent and done.data.tags.get("mlflow.parentRunId") == parent:
+        reason = f"same cell as {earlier}, key {cell.key}" + (": method=none ignores bits" if not cell.quantized else "")
+        tracking.record_skipped(name, reason, params, tags)
+        print(f"[qllm] skipped {name}: {reason}", flush=True)
+        return True
+    reason = f"already evaluated in {earlier} with the same cell key {cell.key}; force=true evaluates it again"
+    if multirun:
+        tracking.record_skipped(name, reason, params, {**tags, "qllm.reused_run_id": done.info.run_id},
+                                status="reused", metrics=done.data.metrics)
+    print(f"[qllm] reused {name}: {reason}", flush=True)
+    score = done.data.metrics.get("suite/score_macro")
+    if score is not None:
+        print(f"[qllm] suite/score_macro of that run: {score:.2f} (make ui to browse it)", flush=True)
+    return True
+
+
 def run_cell(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     exp_id = tracking.configure(cfg.tracking)
@@ -65,7 +93,7 @@ def run_cell(cfg: DictConfig) -> None:
     name = tracking.run_name(cfg.model.name, cfg.method.name, cfg.bits if cfg.method.bits_allowed else None,
                              cfg.model.dtype, cfg.task.name)
     overrides = list(HydraConfig.get().overrides.task)
-    tags = {"qllm.kind": "cell", "qllm.sweep_id": os.environ.get(tracking.ENV_SWEEP, ""),
+    tags = {"qllm.kind": "cell", "qllm.sweep_id": tracking.sweep_id(),
             "qllm.overrides": " ".join(overrides)}
     try:
         cell = plan_cell(cfg)
@@ -79,12 +107,7 @@ def run_cell(cfg: DictConfig) -> None:
         return
 
     tags.update({"qllm.cell_key": cell.key, "qllm.quant_key": cell.quant_key})
-    dup = tracking.find_cell_run(exp_id, cell.key, parent)
-    if dup is not None:
-        reason = (f"same cell as run '{dup.info.run_name}' ({dup.info.run_id}), key {cell.key}"
-                  + (": method=none ignores bits" if not cell.quantized else ""))
-        tracking.record_skipped(name, reason, tracking.cell_params(cell, cfg.task.name), tags)
-        print(f"[qllm] skipped {name}: {reason}", flush=True)
+    if _already_done(cfg, cell, exp_id, parent, name, tags, multirun):
         return
 
     workdir = Path(HydraConfig.get().runtime.output_dir)
@@ -108,29 +131,39 @@ def run_cell(cfg: DictConfig) -> None:
                 })
                 mlflow.set_tag("qllm.quantize_reused", str(manifest.get("reused", False)).lower())
                 tracking.log_checkpoint(quant["checkpoint"], manifest, cfg.tracking.log_checkpoint_max_mb)
-            results = stages.evaluate(cell, workdir / "stages", launch, quant["checkpoint"] if quant else None)
+            results = stages.evaluate(cell, workdir / "stages", launch, quant["checkpoint"] if quant else None,
+                                      cfg.force)
             mlflow.log_metrics(tracking.task_metrics(results))
             mlflow.log_metric("evaluate/stage_wall_s", results["stage_wall_s"])
             fp = results["fingerprint"]
             mlflow.set_tags({"qllm.eval_speed": "dense (hf backend decompresses weights)",
-                             "qllm.evaluated_weights": json.dumps(fp)})
+                             "qllm.evaluated_weights": json.dumps(fp),
+                             # tasks whose finished result (same task key) came from the cache, not this run
+                             "qllm.eval_reused_tasks": ",".join(results["reused_tasks"]) or "none"})
             mlflow.log_artifacts(results["out_dir"], "eval")  # per-sample correctness; full samples if asked
             _log_stage_logs(workdir)
             mlflow.set_tag(tracking.STATUS, "finished")
         except KeyboardInterrupt:
             mlflow.set_tag(tracking.STATUS, "killed")
             mlflow.end_run("KILLED")
+            if multirun:
+                tracking.mark_sweep_killed()
+            print(f"[qllm] interrupted: run {run.info.run_id} marked KILLED; finished tasks are cached and a "
+                  "re-run resumes with the missing ones", file=sys.stderr, flush=True)
             raise
         except Exception as e:  # one failing cell must not take the sweep down
             mlflow.set_tags({tracking.STATUS: "failed", "qllm.error": str(e)[:5000]})
-            mlflow.log_text(traceback.format_exc(), "error.txt")
+            stage_tb = getattr(e, "stage_traceback", "")
+            mlflow.log_text(traceback.format_exc()
+                            + (f"\n--- traceback of the {e.stage} stage process ---\n{stage_tb}" if stage_tb else ""),
+                            "error.txt")
             _log_stage_logs(workdir)
             mlflow.end_run("FAILED")
             print(f"[qllm] FAILED {name}: {e}", file=sys.stderr, flush=True)
             if not multirun:
                 raise SystemExit(1) from None
             return
-    _print_summary(cell, results, run.info.run_id, mlflow.get_tracking_uri(), quant)
+    _print_summary(cell, results, run.info.run_id, cfg.tracking.uri, quant)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -19,9 +19,21 @@ from .cell import Cell
 
 
 class StageError(RuntimeError):
+    """A stage process failed; carries the stage's own traceback (from its log) for the MLflow error artifact."""
+
     def __init__(self, stage: str, returncode: int, log: Path, tail: str):
-        super().__init__(f"{stage} stage failed (exit {returncode}); log: {log}\n--- last lines ---\n{tail}")
         self.stage, self.returncode, self.log = stage, returncode, log
+        self.stage_traceback = _last_traceback(log)
+        last = self.stage_traceback.strip().splitlines()[-1] if self.stage_traceback.strip() else ""
+        super().__init__(f"{stage} stage failed (exit {returncode}"
+                         + (", killed by a signal" if returncode < 0 else "") + f"): {last or 'see its log'}; "
+                         f"log: {log}\n--- last lines ---\n{tail}")
+
+
+def _last_traceback(log: Path, max_chars: int = 50_000) -> str:
+    text = log.read_bytes().decode(errors="replace").replace("\r", "\n")
+    i = text.find("Traceback (most recent call last)")  # the whole chain: causes come first
+    return text[i:][-max_chars:] if i >= 0 else ""
 
 
 def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[str]) -> float:
@@ -62,9 +74,9 @@ def quantize(cell: Cell, workdir: Path, launch: dict, force: bool = False) -> di
     return {**json.loads(out.read_text()), "wall_s": wall}
 
 
-def evaluate(cell: Cell, workdir: Path, launch: dict, model_path: str | None) -> dict:
+def evaluate(cell: Cell, workdir: Path, launch: dict, model_path: str | None, force: bool = False) -> dict:
     """Stage result: the evaluate stage's results.json, plus the folder it wrote (samples)."""
     out = workdir / "eval"
-    args = ["--out", str(out)] + (["--model", model_path] if model_path else [])
+    args = ["--out", str(out)] + (["--model", model_path] if model_path else []) + (["--force"] if force else [])
     wall = run_stage("evaluate", cell, workdir, launch, args)
     return {**json.loads((out / "results.json").read_text()), "out_dir": str(out), "stage_wall_s": wall}

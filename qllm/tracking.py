@@ -2,7 +2,8 @@
 
 The store is a sqlite db with artifacts beside it, both at absolute paths (Hydra's output dirs do not matter).
 The parent run is created by a Hydra callback in the launching process and its id handed to every job through the
-environment, so jobs nest under it even when they run in other processes.
+environment and a file in the sweep dir, so jobs nest under it even when they run in other processes (joblib
+workers, submitit jobs, SLURM jobs started without the launcher's environment).
 """
 
 from __future__ import annotations
@@ -17,31 +18,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlflow
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from . import mlflow_store
 from .cell import Cell
 
 ENV_PARENT = "QLLM_SWEEP_PARENT_RUN_ID"
 ENV_SWEEP = "QLLM_SWEEP_ID"
-STATUS = "qllm.status"  # finished | skipped | failed
+SWEEP_FILE = "qllm_sweep.json"  # in hydra.sweep.dir: the sweep identity for jobs that did not inherit the environment
+STATUS = "qllm.status"  # finished | reused | skipped | failed | killed
 
 
 def configure(tracking: Any) -> str:
-    """Point MLflow at the store and return the experiment id (created with an absolute artifact location)."""
+    """Point MLflow at the store and return the experiment id (created with an absolute artifact location, or with
+    the server's own when `artifact_root` is empty). Safe when parallel jobs open one sqlite store: see mlflow_store."""
     t = OmegaConf.to_container(tracking, resolve=True) if isinstance(tracking, DictConfig) else dict(tracking)
-    if t["uri"].startswith("sqlite:///"):
-        Path(t["uri"][len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(t["uri"])
-    exp = mlflow.get_experiment_by_name(t["experiment"])
-    if exp is None:
-        location = Path(t["artifact_root"]).absolute() / t["experiment"]
-        exp_id = MlflowClient().create_experiment(t["experiment"], artifact_location=location.as_uri())
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
+    location = (Path(t["artifact_root"]).absolute() / t["experiment"]).as_uri() if t.get("artifact_root") else None
+    return mlflow_store.open_experiment(t["uri"], t["experiment"], location)
 
 
 def git_commit() -> str:
@@ -118,30 +115,61 @@ def task_metrics(results: dict) -> dict[str, float]:
     return out
 
 
+def _sweep_file() -> dict:
+    """Inside a multirun job: the sweep identity the callback wrote into the sweep dir ({} if none)."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not inside a Hydra job
+        return {}
+    if hc.mode != RunMode.MULTIRUN:
+        return {}
+    try:
+        return json.loads((Path(hc.sweep.dir) / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def sweep_parent() -> Optional[str]:
-    return os.environ.get(ENV_PARENT)
+    """The sweep's parent run id: from the environment, else (jobs started without it, e.g. SLURM --export=NONE)
+    from `<hydra.sweep.dir>/qllm_sweep.json`."""
+    return os.environ.get(ENV_PARENT) or _sweep_file().get("parent_run_id")
 
 
-def find_cell_run(experiment_id: str, cell_key: str, parent: Optional[str]) -> Optional[Any]:
-    """A finished run of the same cell in this sweep (a duplicate cell such as method=none at bits=4 and 8)."""
-    if not parent:
-        return None
+def sweep_id() -> str:
+    """The sweep id ("" outside a sweep), found like sweep_parent()."""
+    return os.environ.get(ENV_SWEEP) or _sweep_file().get("sweep_id", "")
+
+
+def find_finished_cell(experiment_id: str, cell_key: str) -> Optional[Any]:
+    """The latest run that finished evaluating this cell (same cell key) in the experiment, from any sweep."""
     runs = MlflowClient().search_runs(
         [experiment_id],
-        filter_string=f"tags.`qllm.cell_key` = '{cell_key}' and tags.`mlflow.parentRunId` = '{parent}' "
-                      f"and tags.`{STATUS}` = 'finished'",
+        filter_string=f"tags.`qllm.cell_key` = '{cell_key}' and tags.`{STATUS}` = 'finished' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     return runs[0] if runs else None
 
 
-def record_skipped(name: str, reason: str, params: dict, tags: dict) -> str:
-    """A cell that will not run (invalid, duplicate) still gets a run saying so, then the sweep goes on."""
+def record_skipped(name: str, reason: str, params: dict, tags: dict, status: str = "skipped",
+                   metrics: Optional[dict] = None) -> str:
+    """A cell that will not run (invalid, duplicate, already evaluated) still gets a run saying so, then the sweep
+    goes on. A reused cell carries the earlier run's metrics, so the sweep's runs line up in the UI's compare view."""
     with mlflow.start_run(run_name=name, parent_run_id=sweep_parent(),
-                          tags={**tags, STATUS: "skipped", "qllm.skip_reason": reason[:5000]}) as run:
+                          tags={**tags, STATUS: status, "qllm.skip_reason": reason[:5000]}) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        if metrics:
+            mlflow.log_metrics(metrics)
         mlflow.log_text(reason, "skip_reason.txt")
     return run.info.run_id
+
+
+def mark_sweep_killed() -> None:
+    """Ctrl-C inside a sweep: the parent run is KILLED too (Hydra does not call on_multirun_end then)."""
+    parent = sweep_parent()
+    if parent:
+        MlflowClient().set_terminated(parent, status="KILLED")
 
 
 def log_checkpoint(checkpoint: str, manifest: dict, max_mb: float) -> None:
@@ -165,29 +193,68 @@ class SweepParentRun(Callback):
         exp_id = configure(config.tracking)
         sweep_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         overrides = " ".join(config.hydra.overrides.task)
+        launcher = config.hydra.runtime.choices.get("hydra/launcher") or "basic"  # basic | joblib | submitit_* | slurm
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
         run = MlflowClient().create_run(
             exp_id, run_name=f"sweep {sweep_id}",
-            tags={"qllm.kind": "sweep", "qllm.sweep_id": sweep_id, "qllm.overrides": overrides},
+            tags={"qllm.kind": "sweep", "qllm.sweep_id": sweep_id, "qllm.overrides": overrides,
+                  "qllm.launcher": launcher, "qllm.sweep_dir": str(sweep_dir)},
         )
         MlflowClient().log_param(run.info.run_id, "overrides", overrides[:6000])
+        # Jobs find the sweep through the environment (inherited by joblib workers and submitit jobs) or, when they
+        # start without it (SLURM --export=NONE), through this file in the sweep dir.
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        tmp = sweep_dir / f".{SWEEP_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"parent_run_id": run.info.run_id, "sweep_id": sweep_id, "experiment_id": exp_id,
+                                   "tracking_uri": config.tracking.uri, "launcher": launcher,
+                                   "overrides": overrides}, indent=2))
+        os.replace(tmp, sweep_dir / SWEEP_FILE)
         os.environ[ENV_PARENT], os.environ[ENV_SWEEP] = run.info.run_id, sweep_id
         self.run_id, self.exp_id = run.info.run_id, exp_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         client = MlflowClient()
         children = client.search_runs(
-            [self.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'", max_results=10000
+            [self.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'", max_results=10000,
+            order_by=["attributes.start_time ASC"],
         )
-        counts: dict[str, int] = {}
+        # a child without a qllm.status never ended: its job died without reporting (e.g. a SLURM time limit)
+        counts = {s: 0 for s in SWEEP_STATUSES}
         for r in children:
-            counts[r.data.tags.get(STATUS, "unknown")] = counts.get(r.data.tags.get(STATUS, "unknown"), 0) + 1
+            status = r.data.tags.get(STATUS, "lost")
+            counts[status] = counts.get(status, 0) + 1
         for status, n in counts.items():
             client.log_metric(self.run_id, f"cells_{status}", n)
-        failed = counts.get("failed", 0)
+        failed = counts["failed"] + counts.get("lost", 0)
         client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        print(f"\n[qllm] sweep {os.environ.get(ENV_SWEEP)}: {len(children)} cells: {summary}. "
-              f"MLflow parent run {self.run_id} (make ui)", flush=True)
+        _print_sweep(children, counts, sweep_id(), self.run_id)
         os.environ.pop(ENV_PARENT, None)
+        os.environ.pop(ENV_SWEEP, None)
         if failed:
-            raise SystemExit(f"[qllm] {failed} cell(s) failed; see their MLflow runs (tag qllm.status=failed)")
+            raise SystemExit(f"[qllm] {failed} cell(s) failed; see their MLflow runs (tag qllm.status=failed) "
+                             "and error.txt; a re-run of the sweep redoes only the cells that did not finish")
+
+
+SWEEP_STATUSES = ("finished", "reused", "skipped", "failed")
+
+
+def _print_sweep(children: list, counts: dict[str, int], sweep: str, parent_id: str) -> None:
+    """The sweep's outcome, one line per cell: what finished, what was reused or skipped and why, what failed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {sweep}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in
+                                                       SWEEP_STATUSES), title_justify="left")
+    for col in ("cell", "status", "suite score", "note"):
+        table.add_column(col, justify="right" if col == "suite score" else "left")
+    for r in children:
+        tags, status = r.data.tags, r.data.tags.get(STATUS, "lost")
+        note = {"failed": tags.get("qllm.error", ""), "skipped": tags.get("qllm.skip_reason", ""),
+                "reused": f"from run {tags.get('qllm.reused_run_id', '?')}"}.get(status, "")
+        score = r.data.metrics.get("suite/score_macro")
+        table.add_row(r.info.run_name, status, f"{score:.2f}" if score is not None else "",
+                      note.strip().splitlines()[0][:120] if note.strip() else "")
+    console = Console(width=max(Console().width, 160))
+    console.print()
+    console.print(table)
+    console.print(f"MLflow parent run {parent_id} (make ui)")

@@ -90,15 +90,3 @@ def test_sizes_order_by_bits(sweep):
     done = runs[runs["tags.qllm.status"] == "finished"].set_index(["params.method", "params.bits"])
     size = done["metrics.size/checkpoint_mb"]
     assert size[("rtn", "4")] < size[("rtn", "8")]
-
-
-def test_task_sweep_reuses_the_quantized_checkpoint(tmp_path, cache_dir, data_dir):
-    """`-m task=a,b` quantizes once: the second cell finds the checkpoint of the first in the cache."""
-    proc = run_qllm(["-m", "model=tiny-random-llama", "method=rtn", "bits=3", "task=arc_easy_offline,winogrande_offline",
-                     "task.limit=2"], tmp_path, cache_dir, data_dir)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    cells = mlflow_runs(tmp_path).query("`tags.qllm.kind` == 'cell'")
-    assert sorted(cells["params.task"]) == ["arc_easy_offline", "winogrande_offline"]
-    assert sorted(cells["tags.qllm.quantize_reused"]) == ["false", "true"]
-    assert cells["tags.qllm.checkpoint_path"].nunique() == 1 and cells["tags.qllm.quant_key"].nunique() == 1
-    assert proc.stdout.count("quantize: reusing cached checkpoint") == 1

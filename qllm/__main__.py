@@ -1,0 +1,28 @@
+"""`qllm <command> ...` (or `python -m qllm <command>`): run | cache."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"run": "compose and run cells (Hydra overrides; -m sweeps)", "cache": "ls | verify | rm | gc the cache"}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print("usage: qllm <command> [args]\n" + "\n".join(f"  {c:6s} {h}" for c, h in COMMANDS.items()),
+              file=sys.stderr)
+        raise SystemExit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    cmd = sys.argv.pop(1)
+    sys.argv[0] = f"qllm {cmd}"
+    if cmd == "run":
+        from .run import cli
+
+        cli()
+    else:
+        from .cache import main as cache_main
+
+        raise SystemExit(cache_main())
+
+
+if __name__ == "__main__":
+    main()
