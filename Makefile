@@ -6,8 +6,12 @@ BIN     := $(VENV)/bin
 # On a GPU machine: make setup TORCH_SPEC='torch==2.13.0' PIP_EXTRA='--index-url ...' or an already-installed torch.
 TORCH_SPEC ?= torch==2.13.0
 ARGS    ?=
+# make server: the MLflow tracking server's address (bound to localhost: it has no authentication)
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5000
+SERVER_ARGS ?=
 
-.PHONY: setup run test test-fast ui sweep-quick clean-cache
+.PHONY: setup run test test-fast ui server sweep-quick cache-ls cache-gc clean-cache
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -33,8 +37,25 @@ ui:
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts
 
+# For many parallel jobs or SLURM jobs on several nodes: the server owns the sqlite store (the same as `make ui`) and
+# serves the UI and the artifacts (new experiments upload through it into mlruns/artifacts). Runs: tracking=server.
+# Other nodes: make server SERVER_HOST=0.0.0.0, jobs: tracking.uri=http://<login node's IP>:5000 (MLflow accepts
+# localhost and private IPs; a host name needs SERVER_ARGS="--allowed-hosts <name>,<name>:5000").
+server:
+	@echo "MLflow server (and UI) on http://$(SERVER_HOST):$(SERVER_PORT); runs go there with tracking=server"
+	$(BIN)/mlflow server --host $(SERVER_HOST) --port $(SERVER_PORT) \
+		--backend-store-uri "sqlite:///$(CURDIR)/mlruns/mlflow.db?timeout=60" \
+		--artifacts-destination $(CURDIR)/mlruns/artifacts $(SERVER_ARGS)
+
 sweep-quick:
 	$(BIN)/python -m qllm.run -m method=none,rtn,gptq bits=4,8 task=quick $(ARGS)
+
+# the cache of converted models, quantized checkpoints and finished task results (qllm cache --help)
+cache-ls:
+	$(BIN)/qllm cache ls
+
+cache-gc:
+	$(BIN)/qllm cache gc $(ARGS)
 
 clean-cache:
 	rm -rf .cache/qllm
