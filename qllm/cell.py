@@ -63,6 +63,8 @@ class Cell:
     # per task: quant_key + that task's entry + evaluation settings (a finished task is reused by any cell with the
     # same task key, e.g. across suites, or when an interrupted cell resumes)
     task_keys: dict
+    profile: dict  # what to measure besides accuracy (memory, sizes, speed)
+    speed_key: Optional[str]  # the speed benchmark's cache key (None: speed not measured)
 
     @property
     def name(self) -> str:
@@ -146,7 +148,11 @@ def plan_cell(cfg: DictConfig) -> Cell:
     )
     ev = c["eval"]
     eval_versions = _versions(EVAL_LIBS)
-    key = _digest({"quant_key": quant_key, "tasks": task_entries, "eval": ev, "versions": eval_versions})
+    profile = c["profile"]
+    speed = {k: v for k, v in profile.items() if k.startswith("speed_")} if profile["speed"] else None
+    speed_key = _digest({"quant_key": quant_key, "speed": speed, "eval": ev, "versions": eval_versions}) if speed else None
+    key = _digest({"quant_key": quant_key, "tasks": task_entries, "eval": ev, "versions": eval_versions}
+                  | ({"speed": speed} if speed else {}))
     ev_results = {k: v for k, v in ev.items() if k != "log_samples"}  # what to keep, not what is computed
     task_keys = {t: _digest({"quant_key": quant_key, "task": e, "eval": ev_results, "versions": eval_versions})
                  for t, e in task_entries.items()}
@@ -155,7 +161,7 @@ def plan_cell(cfg: DictConfig) -> Cell:
         group_size=recipe.group_size, recipe=recipe.as_llmcompressor() if bits else {}, calibration=calibration,
         tasks=task_entries, eval=ev, seed=c["seed"], data_dir=data_dir, cache_dir=cache_dir,
         quant_versions=quant_versions, eval_versions=eval_versions, quant_key=quant_key, key=key,
-        task_keys=task_keys,
+        task_keys=task_keys, profile=profile, speed_key=speed_key,
     )
 
 

@@ -122,6 +122,25 @@ class LaunchConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """What each cell measures beyond accuracy. Memory and sizes are cheap and on by default; speed and CUDA
+    allocator snapshots cost time and are opt-in."""
+
+    enabled: bool = True  # false: no memory profile or system metrics (the bench/ baseline for overhead)
+    memory_timeline: bool = True  # per stage: sampled memory over time as CSV + PNG artifacts
+    sample_interval_s: float = 0.2
+    memory_snapshot: bool = False  # CUDA: allocator history pickle per stage (open at pytorch.org/memory_viz)
+    system_metrics: bool = True  # MLflow system metrics (CPU/GPU utilisation and memory over time)
+    system_metrics_interval_s: float = 5.0
+    speed: bool = False  # prefill/decode tokens/s, TTFT, TPOT on the evaluated model (part of the cell key when on)
+    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    speed_prompt_len: int = 128
+    speed_output_len: int = 32
+    speed_warmup: int = 1
+    speed_repeats: int = 3
+
+
+@dataclass
 class QllmConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -130,6 +149,7 @@ class QllmConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     bits: int = 4
     seed: int = 0
     data_dir: str = MISSING

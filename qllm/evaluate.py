@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cache, results
+from . import cache, profiling, results, sizes
 from .cell import Cell
 
 
@@ -53,67 +53,106 @@ def weight_fingerprint(model: Any, group_size: int | None) -> dict:
 
 
 def eval_dir(cell: Cell, task: str) -> Path:
+    """Cache entry of one finished task (`task` = a task key of the cell, or "speed" for the speed benchmark)."""
     bits = f"w{cell.bits}" if cell.bits else cell.model["dtype"]
-    return Path(cell.cache_dir) / "evals" / f"{cell.model['name']}-{cell.method}-{bits}-{task}-{cell.task_keys[task]}"
+    key = cell.speed_key if task == SPEED else cell.task_keys[task]
+    return Path(cell.cache_dir) / "evals" / f"{cell.model['name']}-{cell.method}-{bits}-{task}-{key}"
+
+
+SPEED = "speed"
 
 
 def _reusable(cell: Cell, force: bool) -> dict[str, dict]:
-    """Tasks of this cell already evaluated (same task key) by an earlier or interrupted run."""
+    """Tasks of this cell already evaluated (same task key) by an earlier or interrupted run, and the speed
+    benchmark when it was measured with the same settings."""
     if force:
         return {}
     found = {}
-    for key in cell.tasks:
-        hit = cache.load_eval(eval_dir(cell, key), need_samples=bool(cell.eval["log_samples"]))
+    for key in [*cell.tasks, *([SPEED] if cell.speed_key else [])]:
+        hit = cache.load_eval(eval_dir(cell, key), need_samples=bool(cell.eval["log_samples"]) and key != SPEED)
         if hit is not None:
             found[key] = hit
     return found
 
 
-def evaluate(cell: Cell, model_path: str | None, out_dir: Path, force: bool = False) -> dict:
+def evaluate(cell: Cell, model_path: str | None, out_dir: Path, force: bool = False,
+             profile_dir: Path | None = None) -> dict:
     """Evaluate the cell's tasks that have no finished result in the cache; each task's result is cached as soon
-    as it finishes, so an interrupted cell resumes with the missing tasks only. The model is loaded only if a task
-    is left to run."""
+    as it finishes, so an interrupted cell resumes with the missing tasks only. Then the speed benchmark, if asked.
+    The model is loaded only if something is left to run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     reused = _reusable(cell, force)
     per_task: dict[str, Any] = {}
     fingerprint: dict | None = None
+    in_memory: dict | None = None
     for key, hit in reused.items():
-        print(f"[qllm] evaluate: {key}: reusing the result finished {hit['finished']} (task key "
-              f"{cell.task_keys[key]}; force=true evaluates again)", flush=True)
+        print(f"[qllm] evaluate: {key}: reusing the result finished {hit['finished']} (key "
+              f"{eval_dir(cell, key).name.rsplit('-', 1)[1]}; force=true evaluates again)", flush=True)
+        fingerprint, in_memory = fingerprint or hit["fingerprint"], in_memory or hit.get("weights_in_memory")
+        if key == SPEED:
+            continue
         per_task[key] = {**hit["summary"], "reused": True}
-        fingerprint = fingerprint or hit["fingerprint"]
         for name in ("per_sample.jsonl", "samples.jsonl"):
             if (eval_dir(cell, key) / name).is_file() and (name != "samples.jsonl" or cell.eval["log_samples"]):
                 shutil.copyfile(eval_dir(cell, key) / name, out_dir / f"{name[:-6]}_{key}.jsonl")
 
     todo = [k for k in cell.tasks if k not in reused]
+    measure_speed = bool(cell.speed_key) and SPEED not in reused
+    speed = reused[SPEED]["speed"] if SPEED in reused else None
     load_s = 0.0
-    if todo:
-        lm, load_s, model_path = _load(cell, model_path)
-        for key in todo:
-            per_task[key] = _evaluate_task(cell, lm, key, out_dir)
-            if key == todo[0]:  # after a forward pass: transformers decompresses compressed-tensors weights lazily
-                fingerprint = weight_fingerprint(lm.model, cell.group_size)
-            files = {"per_sample.jsonl": out_dir / f"per_sample_{key}.jsonl"}
-            if cell.eval["log_samples"]:
-                files["samples.jsonl"] = out_dir / f"samples_{key}.jsonl"
+    with profiling.for_stage(cell, "evaluate", profile_dir) as prof:
+        if todo or measure_speed:
+            with prof.phase("load"):
+                lm, load_s, model_path = _load(cell, model_path)
+
+        def save(key: str, result: dict, files: dict) -> None:
             cache.save_eval(eval_dir(cell, key), {
-                "summary": per_task[key], "fingerprint": fingerprint, "task": key, "task_key": cell.task_keys[key],
-                "cell": cell.name, "model": cell.model["name"], "method": cell.method, "bits": cell.bits,
-                "quant_key": cell.quant_key, "model_path": model_path,
+                **result, "fingerprint": fingerprint, "weights_in_memory": in_memory, "task": key,
+                "key": eval_dir(cell, key).name.rsplit("-", 1)[1], "cell": cell.name, "model": cell.model["name"],
+                "method": cell.method, "bits": cell.bits, "quant_key": cell.quant_key, "model_path": model_path,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }, files)
+
+        if todo:
+            with prof.phase("evaluate"):
+                for key in todo:
+                    per_task[key] = _evaluate_task(cell, lm, key, out_dir)
+                    if key == todo[0]:  # after a forward pass: transformers decompresses compressed weights lazily
+                        fingerprint = weight_fingerprint(lm.model, cell.group_size)
+                        in_memory = sizes.weights_in_memory(lm.model)  # as evaluated: dense on the hf backend
+                    files = {"per_sample.jsonl": out_dir / f"per_sample_{key}.jsonl"}
+                    if cell.eval["log_samples"]:
+                        files["samples.jsonl"] = out_dir / f"samples_{key}.jsonl"
+                    save(key, {"summary": per_task[key]}, files)
+        if measure_speed:
+            from . import speed as speed_bench
+
+            p = cell.profile
+            print(f"[qllm] benchmark: speed at batch sizes {p['speed_batch_sizes']}, prompt {p['speed_prompt_len']} "
+                  f"+ {p['speed_output_len']} tokens ...", flush=True)
+            with prof.phase("benchmark"):
+                speed = speed_bench.benchmark(
+                    lm.model, lm.tokenizer, batch_sizes=tuple(p["speed_batch_sizes"]), prompt_len=p["speed_prompt_len"],
+                    output_len=p["speed_output_len"], warmup=p["speed_warmup"], repeats=p["speed_repeats"],
+                    seed=cell.seed)
+            if not todo:  # the benchmark's warm-up ran the first forward pass
+                fingerprint = weight_fingerprint(lm.model, cell.group_size)
+                in_memory = sizes.weights_in_memory(lm.model)
+            save(SPEED, {"speed": speed}, {})
 
     per_task = {k: per_task[k] for k in cell.tasks}  # the suite's order
     result = {
         "tasks": per_task,
         "suite": results.suite_score(per_task),
-        "reused_tasks": sorted(reused),
+        "reused_tasks": sorted(k for k in reused if k != SPEED),
         "evaluated_tasks": todo,
+        "speed": speed,
+        "speed_reused": SPEED in reused,
+        "weights_in_memory": in_memory,
         "model_path": model_path,
         "fingerprint": fingerprint,
-        "device": _device(cell.eval["device"]) if todo else None,
+        "device": _device(cell.eval["device"]) if (todo or measure_speed) else None,
         "speed_note": "hf backend: compressed-tensors weights are decompressed to dense; speed is dense speed",
         "wall_s": {"load": round(load_s, 2), "total": round(time.perf_counter() - t0, 2)},
     }
@@ -188,9 +227,10 @@ def main() -> None:
     p.add_argument("--model", default=None, help="checkpoint dir to evaluate (default: the cell's base model)")
     p.add_argument("--out", required=True, type=Path, help="output dir (results.json, samples)")
     p.add_argument("--force", action="store_true", help="evaluate every task again, even those finished earlier")
+    p.add_argument("--profile-dir", type=Path, default=None, help="where to write the memory profile")
     a = p.parse_args()
     cell = Cell.from_json(a.cell.read_text())
-    evaluate(cell, a.model, a.out, a.force)
+    evaluate(cell, a.model, a.out, a.force, a.profile_dir)
 
 
 if __name__ == "__main__":

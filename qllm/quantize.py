@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from . import cache
+from . import cache, profiling
 from .cell import Cell
 
 
@@ -24,7 +24,7 @@ def checkpoint_dir(cell: Cell) -> Path:
     return Path(cell.cache_dir) / "quantized" / f"{cell.model['name']}-{cell.method}-w{cell.bits}-{cell.quant_key}"
 
 
-def quantize(cell: Cell, force: bool = False) -> dict:
+def quantize(cell: Cell, force: bool = False, profile_dir: Path | None = None) -> dict:
     """Quantize once; return the manifest. A cached checkpoint is reused when it passes its integrity check (unless
     forced); parallel jobs needing the same checkpoint wait for the one making it."""
     out = checkpoint_dir(cell)
@@ -38,10 +38,11 @@ def quantize(cell: Cell, force: bool = False) -> dict:
             moved = cache.quarantine(out)
             print(f"[qllm] quantize: cached checkpoint {out.name} failed its integrity check ({problem}); "
                   f"moved aside to {moved.name}, quantizing again", flush=True)
-        return _quantize(cell, out, force)
+        with profiling.for_stage(cell, "quantize", profile_dir) as prof:
+            return _quantize(cell, out, force, prof)
 
 
-def _quantize(cell: Cell, out: Path, force: bool) -> dict:
+def _quantize(cell: Cell, out: Path, force: bool, prof: profiling.StageProfiler) -> dict:
     import torch
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,33 +52,35 @@ def _quantize(cell: Cell, out: Path, force: bool) -> dict:
 
     torch.manual_seed(cell.seed)
     t0 = time.perf_counter()
-    source = models.prepare(cell.model, cell.data_dir, cell.cache_dir)
-    trust = bool(cell.model.get("trust_remote_code"))
-    rev = cell.model["revision"] if cell.model["source"] == "hub" else None
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=rev, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=rev, dtype=getattr(torch, cell.model["dtype"]), trust_remote_code=trust
-    )
+    with prof.phase("load"):
+        source = models.prepare(cell.model, cell.data_dir, cell.cache_dir)
+        trust = bool(cell.model.get("trust_remote_code"))
+        rev = cell.model["revision"] if cell.model["source"] == "hub" else None
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=rev, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=rev, dtype=getattr(torch, cell.model["dtype"]), trust_remote_code=trust
+        )
     t_load = time.perf_counter() - t0
 
     kwargs: dict = {}
-    n_tokens = 0
-    if cell.calibration:
-        ds = calibration_dataset(cell.calibration, tokenizer, cell.data_dir)
-        n_tokens = sum(len(r) for r in ds["input_ids"])
-        kwargs = dict(dataset=ds, num_calibration_samples=len(ds), max_seq_length=cell.calibration["max_seq_len"])
-    patched = "AWQModifier" in cell.recipe["quant_stage"]["quant_modifiers"] and compat.awq_cpu_pin_memory()
-
+    n_tokens = n_samples = 0
     print(f"[qllm] quantize: {cell.name} ({cell.scheme}) ...", flush=True)
     t1 = time.perf_counter()
-    oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
+    with prof.phase("quantize"):  # calibration data + oneshot: the cost of making this checkpoint
+        if cell.calibration:
+            ds = calibration_dataset(cell.calibration, tokenizer, cell.data_dir)
+            n_tokens, n_samples = sum(len(r) for r in ds["input_ids"]), len(ds)
+            kwargs = dict(dataset=ds, num_calibration_samples=len(ds), max_seq_length=cell.calibration["max_seq_len"])
+        patched = "AWQModifier" in cell.recipe["quant_stage"]["quant_modifiers"] and compat.awq_cpu_pin_memory()
+        oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
     t_quant = time.perf_counter() - t1
 
     tmp = cache.temp_dir(out)
     try:
-        model.save_pretrained(tmp, save_compressed=True)
-        tokenizer.save_pretrained(tmp)
-        files = cache.file_digests(tmp)
+        with prof.phase("save"):
+            model.save_pretrained(tmp, save_compressed=True)
+            tokenizer.save_pretrained(tmp)
+            files = cache.file_digests(tmp)
         manifest = {
             "cell_quant_key": cell.quant_key,
             "model": cell.model,
@@ -87,12 +90,16 @@ def _quantize(cell: Cell, out: Path, force: bool) -> dict:
             "recipe": cell.recipe,
             "calibration": cell.calibration,
             "calibration_tokens": n_tokens,
+            "calibration_samples": n_samples,
             "versions": cell.quant_versions,
             "python": platform.python_version(),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "workarounds": ["llmcompressor AWQ pin_memory on CPU skipped"] if patched else [],
             "wall_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2),
                        "total": round(time.perf_counter() - t0, 2)},
+            # memory of making it (peaks per phase, this process and its children), kept with the checkpoint so a
+            # cell that reuses it still reports what it cost
+            "profile": dict(prof.phases),
             "checkpoint_bytes": sum(f["bytes"] for f in files.values()),
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -109,9 +116,10 @@ def main() -> None:
     p.add_argument("--cell", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="where to write the stage result (JSON)")
     p.add_argument("--force", action="store_true", help="quantize again even if the checkpoint is cached")
+    p.add_argument("--profile-dir", type=Path, default=None, help="where to write the memory profile")
     a = p.parse_args()
     cell = Cell.from_json(a.cell.read_text())
-    manifest = quantize(cell, a.force)
+    manifest = quantize(cell, a.force, a.profile_dir)
     a.out.write_text(json.dumps({"checkpoint": str(checkpoint_dir(cell)), "manifest": manifest}, indent=2))
 
 

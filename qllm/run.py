@@ -7,10 +7,12 @@ in their own processes, and logs everything to MLflow. It imports no torch itsel
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 import mlflow
@@ -20,13 +22,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # noqa: F401  (registers the schema and resolvers)
-from . import stages, tracking
+from . import cost_metrics, sizes, stages, tracking
 from .cell import Cell, plan_cell
 from .errors import QllmConfigError
 from .results import primary_key
 
 
-def _print_summary(cell: Cell, results: dict, run_id: str, uri: str, quant: dict | None) -> None:
+def _print_summary(cell: Cell, results: dict, run_id: str, uri: str, quant: dict | None,
+                   costs: dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -50,12 +53,63 @@ def _print_summary(cell: Cell, results: dict, run_id: str, uri: str, quant: dict
         console.print(f"checkpoint: {quant['checkpoint']} "
                       f"({quant['manifest']['checkpoint_bytes'] / 2**20:.1f} MiB"
                       f"{', reused from cache' if quant['manifest'].get('reused') else ''})")
+    _print_costs(console, costs)
     console.print(f"MLflow: run {run_id} in {uri} — browse with `make ui` (experiment runs under 'Model training')")
+
+
+def _print_costs(console: Any, m: dict[str, float]) -> None:
+    parts = []
+    if "size/params" in m:
+        bits = m.get("size/bits_per_weight_quantized")
+        parts.append(f"{m['size/params'] / 1e6:.1f}M params, {m['size/disk_gb'] * 1e3:.1f} MB on disk"
+                     + (f", {bits:.2f} bits/weight in quantized layers" if bits else ""))
+    mem = [f"{k.split('/')[1]} {v:.2f} GB" for k, v in m.items() if k.count("/") == 2 and k.endswith("/peak_rss_gb")
+           and k.startswith("mem/")]
+    if mem:
+        parts.append("peak RSS " + ", ".join(mem))
+    if "speed/bs1/decode_tok_s" in m:
+        parts.append(f"batch 1: prefill {m['speed/bs1/prefill_tok_s']:.0f} tok/s, decode "
+                     f"{m['speed/bs1/decode_tok_s']:.1f} tok/s, TTFT {m['speed/bs1/ttft_ms']:.0f} ms (dense speed, hf)")
+    for part in parts:
+        console.print(f"cost: {part}")
 
 
 def _log_stage_logs(workdir: Path) -> None:
     for log in (workdir / "stages").glob("*.log"):
         mlflow.log_artifact(str(log), "logs")
+
+
+def _base_model_dir(path: str, cell: Cell) -> Path | None:
+    """The baseline's weights on disk: the converted/local dir, or the hub snapshot in the local HF cache."""
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, revision=cell.model["revision"], local_files_only=True))
+    except Exception:  # not in the local cache: no size figures rather than a download
+        return None
+
+
+def _log_costs(cell: Cell, quant: dict | None, results: dict, stage_dir: Path) -> dict[str, float]:
+    """Size of the evaluated checkpoint, memory of each stage, speed (names: qllm/cost_metrics.py)."""
+    metrics: dict[str, float] = {}
+    weights = Path(quant["checkpoint"]) if quant else _base_model_dir(results["model_path"], cell)
+    if weights is not None:
+        stats = sizes.checkpoint_stats(weights)
+        metrics |= cost_metrics.size(stats, results.get("weights_in_memory"))
+        mlflow.log_dict(stats, "size.json")
+    profile_dir = stage_dir / "profile"
+    for f in sorted(profile_dir.glob("profile_*.json")):
+        metrics |= cost_metrics.memory(json.loads(f.read_text()))
+    if results.get("speed"):
+        metrics |= cost_metrics.speed(results["speed"])
+        mlflow.set_tags(cost_metrics.speed_tags(results["speed"]) | {"qllm.speed_reused": str(results["speed_reused"]).lower()})
+        mlflow.log_dict(results["speed"], "speed.json")
+    mlflow.log_metrics(metrics)
+    if profile_dir.is_dir():
+        mlflow.log_artifacts(str(profile_dir), "profile")  # profile JSON, memory CSV + PNG, CUDA snapshots
+    return metrics
 
 
 def _already_done(cfg: DictConfig, cell: Cell, exp_id: str, parent: str | None, name: str, tags: dict,
@@ -111,8 +165,12 @@ def run_cell(cfg: DictConfig) -> None:
         return
 
     workdir = Path(HydraConfig.get().runtime.output_dir)
+    shutil.rmtree(workdir / "stages" / "profile", ignore_errors=True)  # a re-run in the same dir: no stale profiles
     launch = OmegaConf.to_container(cfg.launch, resolve=True)
-    with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags) as run:
+    system_metrics = cell.profile["enabled"] and cell.profile["system_metrics"]
+    if system_metrics:
+        mlflow.set_system_metrics_sampling_interval(cell.profile["system_metrics_interval_s"])
+    with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags, log_system_metrics=system_metrics) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in tracking.cell_params(cell, cfg.task.name).items()})
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text(cell.to_json(), "cell.json")
@@ -123,12 +181,7 @@ def run_cell(cfg: DictConfig) -> None:
                 quant = stages.quantize(cell, workdir / "stages", launch, cfg.force)
                 manifest = quant["manifest"]
                 mlflow.log_dict(manifest, "manifest.json")
-                mlflow.log_metrics({
-                    "quantize/wall_s": manifest["wall_s"]["quantize"],
-                    "quantize/stage_wall_s": quant["wall_s"],
-                    "quantize/calibration_tokens": manifest["calibration_tokens"],
-                    "size/checkpoint_mb": manifest["checkpoint_bytes"] / 2**20,
-                })
+                mlflow.log_metrics({**cost_metrics.quantization(manifest), "quantize/stage_wall_s": quant["wall_s"]})
                 mlflow.set_tag("qllm.quantize_reused", str(manifest.get("reused", False)).lower())
                 tracking.log_checkpoint(quant["checkpoint"], manifest, cfg.tracking.log_checkpoint_max_mb)
             results = stages.evaluate(cell, workdir / "stages", launch, quant["checkpoint"] if quant else None,
@@ -141,6 +194,7 @@ def run_cell(cfg: DictConfig) -> None:
                              # tasks whose finished result (same task key) came from the cache, not this run
                              "qllm.eval_reused_tasks": ",".join(results["reused_tasks"]) or "none"})
             mlflow.log_artifacts(results["out_dir"], "eval")  # per-sample correctness; full samples if asked
+            costs = _log_costs(cell, quant, results, workdir / "stages")
             _log_stage_logs(workdir)
             mlflow.set_tag(tracking.STATUS, "finished")
         except KeyboardInterrupt:
@@ -163,7 +217,7 @@ def run_cell(cfg: DictConfig) -> None:
             if not multirun:
                 raise SystemExit(1) from None
             return
-    _print_summary(cell, results, run.info.run_id, cfg.tracking.uri, quant)
+    _print_summary(cell, results, run.info.run_id, cfg.tracking.uri, quant, costs)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -70,13 +70,15 @@ def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[st
 def quantize(cell: Cell, workdir: Path, launch: dict, force: bool = False) -> dict:
     """Stage result: {"checkpoint": dir, "manifest": {...}, "wall_s": ...}."""
     out = workdir / "quantize.json"
-    wall = run_stage("quantize", cell, workdir, launch, ["--out", str(out)] + (["--force"] if force else []))
+    args = ["--out", str(out), "--profile-dir", str(workdir / "profile")] + (["--force"] if force else [])
+    wall = run_stage("quantize", cell, workdir, launch, args)
     return {**json.loads(out.read_text()), "wall_s": wall}
 
 
 def evaluate(cell: Cell, workdir: Path, launch: dict, model_path: str | None, force: bool = False) -> dict:
     """Stage result: the evaluate stage's results.json, plus the folder it wrote (samples)."""
     out = workdir / "eval"
-    args = ["--out", str(out)] + (["--model", model_path] if model_path else []) + (["--force"] if force else [])
+    args = ["--out", str(out), "--profile-dir", str(workdir / "profile")]
+    args += (["--model", model_path] if model_path else []) + (["--force"] if force else [])
     wall = run_stage("evaluate", cell, workdir, launch, args)
     return {**json.loads((out / "results.json").read_text()), "out_dir": str(out), "stage_wall_s": wall}

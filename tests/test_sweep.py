@@ -90,3 +90,32 @@ def test_sizes_order_by_bits(sweep):
     done = runs[runs["tags.qllm.status"] == "finished"].set_index(["params.method", "params.bits"])
     size = done["metrics.size/checkpoint_mb"]
     assert size[("rtn", "4")] < size[("rtn", "8")]
+
+
+def test_every_cell_has_size_and_memory_figures(sweep):
+    """Issue 5: size and per-stage memory for every cell, baseline included, with relations that must hold."""
+    _, runs = sweep
+    done = runs[runs["tags.qllm.status"] == "finished"].set_index(["params.method", "params.bits"])
+    for col in ("size/params", "size/bits_per_weight", "size/disk_gb", "size/weights_in_memory_gb",
+                "mem/evaluate/peak_rss_gb", "mem/evaluate/load/peak_rss_gb", "mem/evaluate/evaluate/peak_rss_gb"):
+        assert done[f"metrics.{col}"].notna().all(), col
+    assert done["metrics.size/params"].nunique() == 1  # one model: the quantized ones keep every parameter
+    disk = done["metrics.size/disk_gb"]
+    for m in ("rtn", "gptq", "awq"):
+        assert disk[(m, "4")] < disk[(m, "8")] < disk[("none", "none")], m
+    bits = done["metrics.size/bits_per_weight_quantized"]
+    assert bits.loc[("none", "none")] != bits.loc[("none", "none")]  # NaN: the baseline has no quantized layer
+    assert (done["metrics.size/bits_per_weight"][("none", "none")]) == 32  # fp32
+    for m in ("rtn", "gptq"):  # 4 or 8 bits per weight + one fp32 scale per 32 weights (+ a tiny weight_shape)
+        assert 5.0 <= bits[(m, "4")] < 5.05 and 9.0 <= bits[(m, "8")] < 9.05, (m, bits[(m, "4")], bits[(m, "8")])
+    # a stage's peak RSS exceeds the weights it loaded (as loaded: dense fp32 on the hf backend)
+    assert (done["metrics.mem/evaluate/load/peak_rss_gb"] > done["metrics.size/weights_in_memory_gb"]).all()
+    quantized = done.drop(index=("none", "none"))
+    assert quantized["metrics.quantize/peak_rss_gb"].notna().all()  # the cost of making it, from its manifest
+    assert (quantized["metrics.quantize/calibration_samples"] > 0).sum() == 5  # gptq, awq ×2 bits, smoothquant
+    made_here = quantized[quantized["tags.qllm.quantize_reused"] == "false"]
+    assert len(made_here) and made_here["metrics.mem/quantize/quantize/peak_rss_gb"].notna().all()
+    client = MlflowClient()
+    for run_id in done["run_id"]:
+        files = {a.path for a in client.list_artifacts(run_id, "profile")}
+        assert {"profile/profile_evaluate.json", "profile/memory_evaluate.csv", "profile/memory_evaluate.png"} <= files
