@@ -11,7 +11,7 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5000
 SERVER_ARGS ?=
 
-.PHONY: setup run test test-fast ui server sweep-quick cache-ls cache-gc clean-cache
+.PHONY: setup run test test-fast ui server sweep-quick cache-ls cache-gc clean-cache report browser-deps
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -33,7 +33,8 @@ test-fast:
 	$(BIN)/python -m pytest -q -ra -m "not slow" $(ARGS)
 
 ui:
-	@echo "MLflow UI over the local store: open http://127.0.0.1:5000 (runs are under 'Model training')"
+	@echo "MLflow UI over the local store: open http://127.0.0.1:5000, switch to 'Model training' (top left; MLflow 3 opens"
+	@echo "in its GenAI view), experiment 'qllm'. Direct link: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts
 
@@ -49,6 +50,15 @@ server:
 
 sweep-quick:
 	$(BIN)/python -m qllm.run -m method=none,rtn,gptq bits=4,8 task=quick $(ARGS)
+
+# a report (tables, plots, Markdown + self-contained HTML, CSV) over a sweep or any runs, logged back to MLflow:
+# make report ARGS="--sweep-id <id>" (python -m qllm.report --help: --run-ids, --model/--method/--bits/--task, --out)
+report:
+	$(BIN)/python -m qllm.report $(ARGS)
+
+# headless Chromium + its WebDriver for tests/test_browser.py (Debian; the test installs them itself when root)
+browser-deps:
+	apt-get install -y chromium chromium-driver
 
 # the cache of converted models, quantized checkpoints and finished task results (qllm cache --help)
 cache-ls:

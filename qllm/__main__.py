@@ -1,10 +1,11 @@
-"""`qllm <command> ...` (or `python -m qllm <command>`): run | cache."""
+"""`qllm <command> ...` (or `python -m qllm <command>`): run | cache | report."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"run": "compose and run cells (Hydra overrides; -m sweeps)", "cache": "ls | verify | rm | gc the cache"}
+COMMANDS = {"run": "compose and run cells (Hydra overrides; -m sweeps)", "cache": "ls | verify | rm | gc the cache",
+            "report": "tables and plots of a set of runs, logged back to MLflow"}
 
 
 def main() -> None:
@@ -18,10 +19,14 @@ def main() -> None:
         from .run import cli
 
         cli()
-    else:
+    elif cmd == "cache":
         from .cache import main as cache_main
 
         raise SystemExit(cache_main())
+    else:
+        from .report.__main__ import main as report_main
+
+        raise SystemExit(report_main())
 
 
 if __name__ == "__main__":

@@ -215,7 +215,8 @@ class SweepParentRun(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         client = MlflowClient()
         children = client.search_runs(
-            [self.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'", max_results=10000,
+            [self.exp_id], max_results=10000,  # cells only: a report nested under the sweep is not a cell
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}' and tags.`qllm.kind` = 'cell'",
             order_by=["attributes.start_time ASC"],
         )
         # a child without a qllm.status never ended: its job died without reporting (e.g. a SLURM time limit)
