@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -99,40 +98,6 @@ def test_corrupt_checkpoint_is_never_reused(failing_sweep, data_dir):
     gc = subprocess.run([*cli, "gc"], capture_output=True, text=True)
     assert gc.returncode == 0 and quarantined[0].name in gc.stdout and not quarantined[0].exists()
     assert ckpt.exists()
-
-
-def _sweep_4(work: Path, cache: Path, data_dir: Path) -> tuple[subprocess.CompletedProcess, float]:
-    t = time.perf_counter()
-    proc = run_qllm(["-m", "model=tiny-random-llama", "method=none,rtn", "bits=8",
-                     "task=arc_easy_offline,wikitext_offline", "task.limit=8"], work, cache, data_dir)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc, time.perf_counter() - t
-
-
-def test_rerunning_a_finished_sweep_evaluates_nothing(tmp_path, data_dir):
-    cache = tmp_path / "cache"
-    first, t_first = _sweep_4(tmp_path, cache, data_dir)
-    again, t_again = _sweep_4(tmp_path, cache, data_dir)
-    assert first.stdout.count("[qllm] evaluate: ") == 4  # one task per cell
-    assert "[qllm] evaluate:" not in again.stdout and "[qllm] quantize:" not in again.stdout
-    assert again.stdout.count("[qllm] reused ") == 4
-    runs = mlflow_runs(tmp_path)
-    parents = runs[runs["tags.qllm.kind"] == "sweep"].sort_values("start_time")
-    second = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[1]["run_id"]]
-    assert len(second) == 4 and set(second["tags.qllm.status"]) == {"reused"}
-    originals = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]].set_index("run_id")
-    for _, r in second.iterrows():  # each reused cell points at the run that evaluated it, and carries its numbers
-        src = originals.loc[r["tags.qllm.reused_run_id"]]
-        assert src["tags.qllm.cell_key"] == r["tags.qllm.cell_key"]
-        score = [c for c in runs.columns if c.endswith("/n_samples") and not pd_isna(src[c])]
-        assert score and all(src[c] == r[c] for c in score)
-    assert parents.iloc[1]["metrics.cells_reused"] == 4
-    print(f"first run {t_first:.1f} s, re-run {t_again:.1f} s, ratio {t_again / t_first:.3f}")
-    assert t_again < 0.25 * t_first  # generous: bench/sweep_reuse.py measures the ratio (~0.1 on 2 cores)
-
-
-def pd_isna(x) -> bool:
-    return x is None or x != x
 
 
 def test_ctrl_c_marks_killed_and_resumes_with_missing_tasks(tmp_path, cache_dir, data_dir):
