@@ -90,6 +90,7 @@ def evaluate(cell: Cell, model_path: str | None, out_dir: Path, force: bool = Fa
         print(f"[qllm] evaluate: {key}: reusing the result finished {hit['finished']} (key "
               f"{eval_dir(cell, key).name.rsplit('-', 1)[1]}; force=true evaluates again)", flush=True)
         fingerprint, in_memory = fingerprint or hit["fingerprint"], in_memory or hit.get("weights_in_memory")
+        model_path = model_path or hit.get("model_path")  # the baseline's dir, when nothing is left to load
         if key == SPEED:
             continue
         per_task[key] = {**hit["summary"], "reused": True}

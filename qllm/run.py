@@ -79,8 +79,10 @@ def _log_stage_logs(workdir: Path) -> None:
         mlflow.log_artifact(str(log), "logs")
 
 
-def _base_model_dir(path: str, cell: Cell) -> Path | None:
+def _base_model_dir(path: str | None, cell: Cell) -> Path | None:
     """The baseline's weights on disk: the converted/local dir, or the hub snapshot in the local HF cache."""
+    if path is None:
+        return None
     if Path(path).is_dir():
         return Path(path)
     try:
