@@ -116,25 +116,25 @@ class StageProfiler:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """A named part of the stage (load, quantize, evaluate, benchmark): its wall time and memory peaks."""
-        if not self.enabled:
-            yield
-            return
+        """A named part of the stage (load, quantize, evaluate, benchmark): its wall time and memory peaks.
+        Disabled, it still keeps the cheap exact figures (VmHWM, CUDA peak counters): no sampler, no files."""
         cuda = _cuda()
         if cuda is not None:
             cuda.reset_peak_memory_stats()
         self._hwm_max = max(self._hwm_max, _hwm() or 0)
         _reset_hwm()
         torch = sys.modules.get("torch")
-        if self.snapshot and not self._recording and torch is not None and torch.cuda.is_available():
+        if self.enabled and self.snapshot and not self._recording and torch is not None and torch.cuda.is_available():
             torch.cuda.memory._record_memory_history(max_entries=200_000)  # from the first phase on, load included
             self._recording = True
         start = time.perf_counter() - self._t0
-        self._sample()
+        if self.enabled:
+            self._sample()
         try:
             yield
         finally:
-            self._sample()
+            if self.enabled:
+                self._sample()
             end = time.perf_counter() - self._t0
             self._marks.append((name, start, end))
             inside = [s for s in self.samples if start <= s[0] <= end]
@@ -142,7 +142,7 @@ class StageProfiler:
             self._hwm_max = max(self._hwm_max, hwm)
             # the exact high-water mark of this process, or the sampled process + children, whichever is higher
             info: dict[str, Any] = {"wall_s": round(end - start, 3),
-                                    "peak_rss_gb": max(hwm, max(s[1] for s in inside)) / GB}
+                                    "peak_rss_gb": max(hwm, max((s[1] for s in inside), default=0)) / GB}
             cuda = _cuda()
             if cuda is not None:
                 info["cuda_max_allocated_gb"] = cuda.max_memory_allocated() / GB
