@@ -308,18 +308,6 @@ def weights_in_memory(model: Any) -> dict[str, Any]:
     }
 
 
-def as_metrics(stats: dict[str, Any], prefix: str = "size/") -> dict[str, float]:
-    """The numeric entries of a stats dict as flat metric names (dicts flattened as `<key>/<sub>`; None and
-    strings dropped), e.g. for `mlflow.log_metrics`."""
-    out: dict[str, float] = {}
-    for k, v in stats.items():
-        if isinstance(v, dict):
-            out.update(as_metrics(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:

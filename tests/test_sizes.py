@@ -12,7 +12,8 @@ import pytest
 from qllm import models
 from qllm.cell import compose_cell
 from qllm.quantize import checkpoint_dir, quantize
-from qllm.sizes import as_metrics, checkpoint_stats, weights_in_memory
+from qllm import cost_metrics
+from qllm.sizes import checkpoint_stats, weights_in_memory
 
 TINY = ["model=tiny-random-llama", "task=wikitext_offline"]
 WIDE = ["model.arch.hidden_size=128", "model.arch.intermediate_size=256"]  # a tiny model that g128 divides
@@ -143,8 +144,9 @@ def test_baseline_and_weights_in_memory(tiny, cache_dir, data_dir):
     assert mem["param_bytes"] == 4 * base["params"]
     assert mem["bytes"] == mem["param_bytes"] + mem["buffer_bytes"] and mem["buffer_bytes"] < 1024  # rotary inv_freq
     assert mem["bytes_by_device"] == {"cpu": mem["bytes"]} and mem["meta_tensors"] == 0
-    metrics = as_metrics({**base, **{f"mem_{k}": v for k, v in mem.items()}})
+    metrics = cost_metrics.size(base, mem)  # the names the orchestrator logs
     assert metrics["size/params"] == base["params"] and "size/bits_per_weight_quantized" not in metrics
+    assert metrics["size/weights_in_memory_gb"] == mem["bytes"] / 1e9
     json.dumps(base), json.dumps(mem)  # plain JSON for MLflow tags/artifacts
 
 
