@@ -6,6 +6,7 @@ BIN     := $(VENV)/bin
 # On a GPU machine: make setup TORCH_SPEC='torch==2.13.0' PIP_EXTRA='--index-url ...' or an already-installed torch.
 TORCH_SPEC ?= torch==2.13.0
 ARGS    ?=
+WORKERS ?= 2
 # make server: the MLflow tracking server's address (bound to localhost: it has no authentication)
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5000
@@ -26,11 +27,14 @@ setup:
 run:
 	$(BIN)/python -m qllm.run $(ARGS)
 
+# Test modules run in WORKERS processes (pytest-xdist; each module stays in one worker, so its fixtures run once).
+# WORKERS=0 runs everything in this process (one failing test is easier to read that way).
 test:
-	$(BIN)/python -m pytest -q -ra $(ARGS)
+	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist loadscope $(ARGS)
 
+# unit tests only (in-process; no CLI runs, no SmolLM2): under 3 minutes on 2 cores
 test-fast:
-	$(BIN)/python -m pytest -q -ra -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist loadscope -m "not e2e and not slow" $(ARGS)
 
 ui:
 	@echo "MLflow UI over the local store: open http://127.0.0.1:5000, switch to 'Model training' (top left; MLflow 3 opens"

@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 BARE = r'''
 import sys, yaml, torch
-from qllm.cell import compose_cell
-from qllm.calibration import calibration_dataset
-from qllm.tasks import lm_eval_config
-from qllm.models import prepare
+from qllm.planning import compose_cell
+from qllm.stages.calibration import calibration_dataset
+from qllm.tasks.spec import lm_eval_config
+from qllm.sources.models import prepare
 cell = compose_cell(sys.argv[2:])  # only to get the identical model, recipe, calibration and task configs
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qllm-bench-") as tmp:
         tmp = Path(tmp)
         # convert the base model once, untimed, for both sides
-        subprocess.run([py, "-c", "import sys; from qllm.cell import compose_cell; from qllm.models import prepare; "
+        subprocess.run([py, "-c", "import sys; from qllm.planning import compose_cell; from qllm.sources.models import prepare; "
                         "c = compose_cell(sys.argv[1:]); print(prepare(c.model, c.data_dir, c.cache_dir))",
                         *overrides], env=env, check=True, cwd=REPO)
         rows = []

@@ -49,8 +49,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qllm-bench-") as tmp:
         work = Path(tmp)
         # the base model conversion happens once per cache; do it before timing so both runs start equal
-        subprocess.run([sys.executable, "-c", "import sys; from qllm.cell import compose_cell; from qllm.models import "
-                        "prepare; c = compose_cell(sys.argv[1:]); prepare(c.model, c.data_dir, c.cache_dir)",
+        subprocess.run([sys.executable, "-c", "import sys; from qllm.planning import compose_cell; from qllm.sources.models "
+                        "import prepare; c = compose_cell(sys.argv[1:]); prepare(c.model, c.data_dir, c.cache_dir)",
                         *[o.split(",")[0] for o in overrides if o.startswith("model=")]],
                        cwd=REPO, env={**os.environ, "QLLM_CACHE_DIR": str(work / "cache")}, check=True)
         first, out1 = sweep(overrides, work)

@@ -1,22 +1,37 @@
-"""Structured config schema, registered with Hydra's ConfigStore.
+"""Structured config schema, registered with Hydra's ConfigStore, and the command line's overrides.
 
 The schema types every key, so a typo (`bitz=4`, `method.group_sise=32`) or a wrong type (`bits=four`) fails at
 start-up, before anything is loaded. Group options (model/method/task/...) are plain YAML files checked against these
-dataclasses; Hydra itself lists the valid options when a group option does not exist.
+dataclasses; Hydra itself lists the valid options when a group option does not exist. The evaluation backend's and
+the stage launchers' configs are typed by their own dataclasses, beside their implementations (each registered as
+`eval/<name>_schema` and `launch/<name>_schema`, which their YAML lists in its defaults).
+
+`launch.quantize=<name>` / `launch.evaluate=<name>` choose a stage's launcher: shorthand for Hydra's
+`launch@launch.quantize=<name>` (the `launch` group placed at that stage), rewritten before Hydra parses the command
+line; `launch=<name>` sets both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from .errors import QllmConfigError
+from .stages import backends, launchers
+from .stages.backends import EvalBackendConfig
+from .stages.launchers import LauncherConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STAGES = ("quantize", "evaluate")
 
 
 @dataclass
@@ -94,20 +109,9 @@ class CalibrationConfig:
 
 
 @dataclass
-class EvalConfig:
-    backend: str = "hf"  # hf (transformers; CPU or GPU). vllm comes with a later issue.
-    device: str = "auto"  # auto | cpu | cuda
-    batch_size: int = 8
-    max_length: Optional[int] = None  # model context used by lm-eval (null: the model's own)
-    log_samples: bool = False
-    # instruct models as chatted with: prompts (and few-shot turns) through the tokenizer's chat template
-    apply_chat_template: bool = False
-    bootstrap_iters: int = 1000  # stderr of non-mean metrics (perplexity); lm-eval's 100000 is minutes on CPU
-    seed: int = 1234
-
-
-@dataclass
 class TrackingConfig:
+    """Where runs are logged (conf/tracking/): a local sqlite store or an `mlflow server`."""
+
     uri: str = MISSING
     artifact_root: str = MISSING
     experiment: str = "qllm"
@@ -116,9 +120,10 @@ class TrackingConfig:
 
 @dataclass
 class LaunchConfig:
-    name: str = "local"
-    prefix: list[str] = field(default_factory=lambda: ["{python}"])  # how a stage process starts
-    timeout_s: Optional[int] = None
+    """How each stage's process starts: a launcher per stage (conf/launch/<name>.yaml, qllm/stages/launchers/)."""
+
+    quantize: LauncherConfig = MISSING
+    evaluate: LauncherConfig = MISSING
 
 
 @dataclass
@@ -133,20 +138,22 @@ class ProfileConfig:
     system_metrics: bool = True  # MLflow system metrics (CPU/GPU utilisation and memory over time)
     system_metrics_interval_s: float = 5.0
     speed: bool = False  # prefill/decode tokens/s, TTFT, TPOT on the evaluated model (part of the cell key when on)
-    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
     speed_prompt_len: int = 128
     speed_output_len: int = 32
     speed_warmup: int = 1
     speed_repeats: int = 3
+    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
 
 
 @dataclass
 class QllmConfig:
+    """One cell: model × method × bits × tasks, and how it is evaluated, measured, launched and logged."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalBackendConfig = MISSING  # the backend's own config (conf/eval/<backend>.yaml, qllm/stages/backends/)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -157,18 +164,69 @@ class QllmConfig:
     force: bool = False  # quantize again even when the checkpoint is in the cache
 
 
+def rewrite_overrides(overrides: list[str]) -> list[str]:
+    """`launch.<stage>=NAME` -> `launch@launch.<stage>=NAME`; `launch=NAME` -> both stages (see the module doc)."""
+    out = []
+    for ov in overrides:
+        key, eq, value = ov.partition("=")
+        if not eq:
+            out.append(ov)
+        elif key in (f"launch.{s}" for s in STAGES):
+            out.append(f"launch@{key}={value}")
+        elif key == "launch":
+            if "," in value:
+                raise QllmConfigError(f"'{ov}': sweep the stages' launchers separately "
+                                      f"(launch.quantize={value} and/or launch.evaluate={value})")
+            out += [f"launch@launch.{s}={value}" for s in STAGES]
+        else:
+            out.append(ov)
+    return out
+
+
+def _default_choices() -> dict[str, str]:
+    """The group options conf/config.yaml chooses: {"eval": "hf", "launch.quantize": "local", ...}."""
+    choices = {}
+    for item in yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"]:
+        if isinstance(item, dict):
+            (group, option), = item.items()
+            choices[group.split("@")[-1]] = option
+    return choices
+
+
+def _chosen(overrides: list[str]) -> dict[str, str]:
+    """The option of each typed group (eval, launch.<stage>) that these overrides choose, else the default."""
+    choices = _default_choices()
+    for ov in overrides:
+        key, eq, value = ov.lstrip("+").partition("=")
+        if eq and "," not in value:  # a sweep's values are checked one by one by Hydra itself
+            choices[key.split("@")[-1]] = value
+    return choices
+
+
+def _typed_node(path: str, node: Any, choices: dict[str, str]) -> Any:
+    """The dataclass a config path holds: the chosen backend's / launcher's own config for eval and launch.<stage>."""
+    if node is EvalBackendConfig and choices.get(path) in backends.names():
+        return backends.get(choices[path]).config
+    if node is LauncherConfig and choices.get(path) in launchers.names():
+        return launchers.get(choices[path]).config
+    return node
+
+
 def check_override_keys(overrides: list[str]) -> None:
     """Hydra names a mistyped key but not the valid ones; say both, before anything is composed.
 
-    Checks the keys of `key=value` overrides down to the first free-form dict (method.settings, task.tasks, ...).
-    Additions (`+key=`), deletions (`~key`), Hydra's own keys and config-group paths (`hydra/launcher=`) pass."""
+    Checks the keys of `key=value` overrides down to the first free-form dict (method.settings, task.tasks, ...),
+    eval.* against the chosen backend's config and launch.<stage>.* against the chosen launcher's. Additions
+    (`+key=`), deletions (`~key`), Hydra's own keys and config-group paths (`hydra/launcher=`, `launch@...=`) pass."""
+    choices = _chosen(overrides)
     for ov in overrides:
         key = ov.split("=", 1)[0]
-        if "=" not in ov or ov.startswith(("+", "~", "-")) or key.startswith("hydra") or "/" in key:
+        if "=" not in ov or ov.startswith(("+", "~", "-")) or key.startswith("hydra") or re.search(r"[/@]", key):
             continue
         node: Any = QllmConfig
         parts = key.split(".")
         for depth, part in enumerate(parts):
+            node = _typed_node(".".join(parts[:depth]), node, choices)
             if not dataclasses.is_dataclass(node):
                 break
             hints = typing.get_type_hints(node)
@@ -180,11 +238,25 @@ def check_override_keys(overrides: list[str]) -> None:
             node = hints[part]
 
 
+def _model_name(path: str) -> str:
+    """A model's name from its hub id or local dir (model=hf): the last component ("Qwen/Qwen2-0.5B" ->
+    "Qwen2-0.5B")."""
+    name = Path(str(path).rstrip("/")).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "model"
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("qllm.cwd"):
         # Hydra does not chdir (hydra.job.chdir=false); paths default relative to where the user started the job.
         OmegaConf.register_new_resolver("qllm.cwd", os.getcwd)
-    ConfigStore.instance().store(name="qllm_schema", node=QllmConfig)
+    if not OmegaConf.has_resolver("qllm.model_name"):
+        OmegaConf.register_new_resolver("qllm.model_name", _model_name)
+    store = ConfigStore.instance()
+    store.store(name="qllm_schema", node=QllmConfig)
+    for name in backends.names():
+        store.store(group="eval", name=f"{name}_schema", node=backends.get(name).config)
+    for name in launchers.names():
+        store.store(group="launch", name=f"{name}_schema", node=launchers.get(name).config)
 
 
 register_configs()

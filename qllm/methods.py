@@ -49,32 +49,15 @@ def rtn(bits: int, ignore: list[str], group_size: Optional[int], symmetric: bool
     return Recipe(_label(bits, group_size, symmetric), {"QuantizationModifier": mod}, group_size)
 
 
-def gptq(
-    bits: int,
-    ignore: list[str],
-    group_size: Optional[int],
-    symmetric: bool = True,
-    actorder: Optional[str] = "static",
-    dampening_frac: float = 0.01,
-    block_size: int = 128,
-) -> Recipe:
-    mod = {
-        "ignore": list(ignore),
-        "config_groups": _weight_only(bits, group_size, symmetric, actorder),
-        "dampening_frac": dampening_frac,
-        "block_size": block_size,
-    }
+def gptq(bits: int, ignore: list[str], group_size: Optional[int], symmetric: bool = True,
+         actorder: Optional[str] = "static", dampening_frac: float = 0.01, block_size: int = 128) -> Recipe:
+    weights = _weight_only(bits, group_size, symmetric, actorder)
+    mod = {"ignore": list(ignore), "config_groups": weights, "dampening_frac": dampening_frac, "block_size": block_size}
     return Recipe(_label(bits, group_size, symmetric), {"GPTQModifier": mod}, group_size)
 
 
-def awq(
-    bits: int,
-    ignore: list[str],
-    group_size: Optional[int],
-    symmetric: bool = False,
-    n_grid: int = 20,
-    duo_scaling: bool = True,
-) -> Recipe:
+def awq(bits: int, ignore: list[str], group_size: Optional[int], symmetric: bool = False, n_grid: int = 20,
+        duo_scaling: bool = True) -> Recipe:
     # In llmcompressor 0.14 AWQ only rescales; the QuantizationModifier after it sets the scheme and quantizes.
     modifiers = {
         "AWQModifier": {"n_grid": n_grid, "duo_scaling": duo_scaling},

@@ -1,18 +1,22 @@
 """Entry point: `python -m qllm.run [overrides]` runs one cell; `-m` sweeps (one MLflow parent run per sweep).
 
-The Hydra job is the orchestrator: it plans the cell (validation, no weights), runs the quantize and evaluate stages
-in their own processes, and logs everything to MLflow. It imports no torch itself.
+The Hydra job is the orchestrator: it plans the cell (validation, no weights), reuses it when it already finished,
+runs the quantize and evaluate stages in their own processes under their launchers, and logs everything to MLflow.
+It imports no torch itself. Ctrl-C and SIGTERM end the running stage's whole process group and mark the cell (and
+its sweep) KILLED; a stage past its `timeout_s` is ended and its cell KILLED while the sweep goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import sys
-import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import hydra
 import mlflow
@@ -20,66 +24,144 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
-from . import config as _config  # noqa: F401  (registers the schema and resolvers)
-from . import cost_metrics, sizes, stages, tracking
-from .cell import Cell, plan_cell
+from . import config as _config
+from . import console
+from .cell import Cell
 from .errors import QllmConfigError
-from .results import primary_key
+from .measure import cost_metrics, sizes
+from .names import EVALUATE_STAGE_WALL, QUANTIZE_STAGE_WALL, Kind, Status, Tag
+from .planning import plan_cell
+from .records import EvalResult, QuantizeResult
+from .stages import backends, runner
+from .stages.runner import StageTimeout, Terminated
+from .store import tracking
 
 
-def _print_summary(cell: Cell, results: dict, run_id: str, uri: str, quant: dict | None,
-                   costs: dict[str, float]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+@dataclass
+class Job:
+    """The Hydra job running one cell: under which sweep, with which tags, and (once opened) which MLflow store."""
 
-    table = Table(title=f"{cell.name} · {cell.scheme}", title_justify="left")
-    for col in ("task", "metric", "value", "± stderr", "n", "shots"):
-        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
-    for key, t in results["tasks"].items():
-        value, metric = t["primary"]["value"], t["primary"]["metric"]
-        name, _, filt = primary_key(metric).partition(",")
-        stderr = t["metrics"].get(f"{name}_stderr,{filt}")
-        table.add_row(key, metric, f"{value:.4f}" if isinstance(value, float) else str(value),
-                      f"{stderr:.4f}" if isinstance(stderr, float) else "n/a",
-                      str(t["n_samples"]["effective"]), str(t["num_fewshot"]))
-    if results.get("suite"):
-        table.add_row("suite", "score_macro (0-100)", f"{results['suite']['score_macro']:.2f}", "", "", "")
-    console = Console()
-    console.print(table)
-    if cell.model.get("note"):
-        console.print(f"model note: {cell.model['note']}")
-    if quant:
-        console.print(f"checkpoint: {quant['checkpoint']} "
-                      f"({quant['manifest']['checkpoint_bytes'] / 2**20:.1f} MiB"
-                      f"{', reused from cache' if quant['manifest'].get('reused') else ''})")
-    _print_costs(console, costs)
-    console.print(f"MLflow: run {run_id} in {uri} — browse with `make ui` (experiment runs under 'Model training')")
+    multirun: bool
+    parent: Optional[str]
+    overrides: list[str]
+    tags: dict = field(default_factory=dict)
+    experiment_id: str = ""
+
+    @classmethod
+    def start(cls) -> "Job":
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        overrides = list(HydraConfig.get().overrides.task)
+        return cls(multirun, tracking.sweep_parent() if multirun else None, overrides,
+                   {Tag.KIND: Kind.CELL.value, Tag.SWEEP_ID: tracking.sweep_id(), Tag.OVERRIDES: " ".join(overrides)})
+
+    def open_store(self, cfg: DictConfig) -> None:
+        """The MLflow store, opened after planning: an invalid single run never touches (or creates) it."""
+        self.experiment_id = self.experiment_id or tracking.configure(cfg.tracking)
 
 
-def _print_costs(console: Any, m: dict[str, float]) -> None:
-    parts = []
-    if "size/params" in m:
-        bits = m.get("size/bits_per_weight_quantized")
-        parts.append(f"{m['size/params'] / 1e6:.1f}M params, {m['size/disk_gb'] * 1e3:.1f} MB on disk"
-                     + (f", {bits:.2f} bits/weight in quantized layers" if bits else ""))
-    mem = [f"{k.split('/')[1]} {v:.2f} GB" for k, v in m.items() if k.count("/") == 2 and k.endswith("/peak_rss_gb")
-           and k.startswith("mem/")]
-    if mem:
-        parts.append("peak RSS " + ", ".join(mem))
-    if "speed/bs1/decode_tok_s" in m:
-        parts.append(f"batch 1: prefill {m['speed/bs1/prefill_tok_s']:.0f} tok/s, decode "
-                     f"{m['speed/bs1/decode_tok_s']:.1f} tok/s, TTFT {m['speed/bs1/ttft_ms']:.0f} ms (dense speed, hf)")
-    for part in parts:
-        console.print(f"cost: {part}")
+def _name(cfg: DictConfig, cell: Optional[Cell] = None) -> str:
+    if cell is not None:
+        return f"{cell.name} · {cfg.task.name}"
+    try:
+        bits = cfg.bits if cfg.method.bits_allowed else None
+        return tracking.run_name(cfg.model.name, cfg.method.name, bits, cfg.model.dtype, cfg.task.name)
+    except (MissingMandatoryValue, InterpolationToMissingValueError):  # model=hf without model.path: planning says so
+        return f"{cfg.method.name} · {cfg.task.name}"
 
 
-def _log_stage_logs(workdir: Path) -> None:
-    for log in (workdir / "stages").glob("*.log"):
-        mlflow.log_artifact(str(log), "logs")
+# ---- plan / reuse / execute / log ----
 
 
-def _base_model_dir(path: str | None, cell: Cell) -> Path | None:
+def _plan(cfg: DictConfig, job: Job) -> Optional[Cell]:
+    """The planned cell, or None when it is invalid (recorded as skipped in a sweep; exit 2 for a single run)."""
+    try:
+        return plan_cell(cfg)
+    except QllmConfigError as e:
+        if not job.multirun:
+            print(f"[qllm] invalid cell ({' '.join(job.overrides) or 'defaults'}): {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        params = {k: str(OmegaConf.select(cfg, k, default="?")) for k in ("model.name", "method.name", "bits",
+                                                                           "task.name")}
+        name = _name(cfg)
+        job.open_store(cfg)
+        tracking.record_skipped(name, str(e), {k.split(".")[0]: v for k, v in params.items()}, job.tags)
+        print(f"[qllm] skipped {name}: {e}", flush=True)
+        return None
+
+
+def _reuse(cfg: DictConfig, cell: Cell, job: Job, name: str) -> bool:
+    """Resume: a cell whose evaluation already finished (same cell key) is not run again unless force=true.
+    Within one sweep that is a duplicate cell (skipped); from an earlier run it is reused (its metrics are linked)."""
+    if cfg.force:
+        return False
+    done = tracking.find_finished_cell(job.experiment_id, cell.key)
+    if done is None:
+        return False
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(done.info.start_time / 1000))
+    earlier = f"run '{done.info.run_name}' ({done.info.run_id}, {when})"
+    params = tracking.cell_params(cell, cfg.task.name)
+    if job.parent and done.data.tags.get(Tag.PARENT_RUN_ID) == job.parent:
+        reason = f"same cell as {earlier}, key {cell.key}" + (": method=none ignores bits" if not cell.quantized else "")
+        tracking.record_skipped(name, reason, params, job.tags)
+        print(f"[qllm] skipped {name}: {reason}", flush=True)
+        return True
+    reason = f"already evaluated in {earlier} with the same cell key {cell.key}; force=true evaluates it again"
+    if job.multirun:
+        tracking.record_skipped(name, reason, params, {**job.tags, Tag.REUSED_RUN_ID: done.info.run_id},
+                                status=Status.REUSED, metrics=done.data.metrics)
+    print(f"[qllm] reused {name}: {reason}", flush=True)
+    score = done.data.metrics.get("suite/score_macro")
+    if score is not None:
+        print(f"[qllm] suite/score_macro of that run: {score:.2f} (make ui to browse it)", flush=True)
+    return True
+
+
+@dataclass
+class Outcome:
+    quant: Optional[QuantizeResult]
+    results: EvalResult
+    costs: dict
+
+
+def _stages(cfg: DictConfig, cell: Cell, workdir: Path, port: int) -> Outcome:
+    """Quantize (unless the baseline) and evaluate, logging each stage's results as they come."""
+    launch = OmegaConf.to_container(cfg.launch, resolve=True)
+    assert isinstance(launch, dict)
+    quant = None
+    if cell.quantized:
+        mlflow.log_text(yaml.safe_dump(cell.recipe, sort_keys=False), "recipe.yaml")
+        quant = runner.quantize(cell, workdir, launch["quantize"], port, cfg.force)
+        _log_quantize(quant, cfg.tracking.log_checkpoint_max_mb)
+    results = runner.evaluate(cell, workdir, launch["evaluate"], port, quant.checkpoint if quant else None,
+                              cfg.force)
+    _log_evaluate(results, backends.get(cell.eval["backend"]))
+    costs = _log_costs(cell, quant, results, workdir)
+    _log_stage_logs(workdir)
+    return Outcome(quant, results, costs)
+
+
+def _log_quantize(quant: QuantizeResult, max_mb: float) -> None:
+    mlflow.log_dict({**quant.manifest.to_dict(), "reused": quant.reused}, "manifest.json")
+    mlflow.log_metrics({**cost_metrics.quantization(quant.manifest), QUANTIZE_STAGE_WALL: quant.wall_s})
+    mlflow.set_tag(Tag.QUANTIZE_REUSED, str(quant.reused).lower())
+    tracking.log_checkpoint(quant, max_mb)
+
+
+def _log_evaluate(results: EvalResult, backend: backends.EvalBackend) -> None:
+    mlflow.log_metrics(tracking.task_metrics(results))
+    mlflow.log_metric(EVALUATE_STAGE_WALL, results.stage_wall_s)
+    mlflow.set_tags({Tag.EVAL_SPEED: backend.speed_tag,
+                     Tag.EVALUATED_WEIGHTS: json.dumps(results.fingerprint),
+                     # tasks whose finished result (same task key) came from the cache, not this run
+                     Tag.EVAL_REUSED_TASKS: ",".join(results.reused_tasks) or "none"})
+    mlflow.log_artifacts(results.out_dir, "eval")  # per-sample correctness; full samples if asked
+
+
+def _base_model_dir(path: Optional[str], cell: Cell) -> Optional[Path]:
     """The baseline's weights on disk: the converted/local dir, or the hub snapshot in the local HF cache."""
     if path is None:
         return None
@@ -93,133 +175,102 @@ def _base_model_dir(path: str | None, cell: Cell) -> Path | None:
         return None
 
 
-def _log_costs(cell: Cell, quant: dict | None, results: dict, stage_dir: Path) -> dict[str, float]:
-    """Size of the evaluated checkpoint, memory of each stage, speed (names: qllm/cost_metrics.py)."""
+def _log_costs(cell: Cell, quant: Optional[QuantizeResult], results: EvalResult, workdir: Path) -> dict[str, float]:
+    """Size of the evaluated checkpoint, memory of each stage, speed (names: qllm.names)."""
     metrics: dict[str, float] = {}
-    weights = Path(quant["checkpoint"]) if quant else _base_model_dir(results["model_path"], cell)
+    weights = Path(quant.checkpoint) if quant else _base_model_dir(results.model_path, cell)
     if weights is not None:
         stats = sizes.checkpoint_stats(weights)
-        metrics |= cost_metrics.size(stats, results.get("weights_in_memory"))
+        metrics |= cost_metrics.size(stats, results.weights_in_memory)
         mlflow.log_dict(stats, "size.json")
-    profile_dir = stage_dir / "profile"
+    profile_dir = workdir / "profile"
     for f in sorted(profile_dir.glob("profile_*.json")):
         metrics |= cost_metrics.memory(json.loads(f.read_text()))
-    if results.get("speed"):
-        metrics |= cost_metrics.speed(results["speed"])
-        mlflow.set_tags(cost_metrics.speed_tags(results["speed"]) | {"qllm.speed_reused": str(results["speed_reused"]).lower()})
-        mlflow.log_dict(results["speed"], "speed.json")
+    if results.speed:
+        metrics |= cost_metrics.speed(results.speed)
+        mlflow.set_tags(cost_metrics.speed_tags(results.speed) | {Tag.SPEED_REUSED: str(results.speed_reused).lower()})
+        mlflow.log_dict(results.speed, "speed.json")
     mlflow.log_metrics(metrics)
     if profile_dir.is_dir():
         mlflow.log_artifacts(str(profile_dir), "profile")  # profile JSON, memory CSV + PNG, CUDA snapshots
     return metrics
 
 
-def _already_done(cfg: DictConfig, cell: Cell, exp_id: str, parent: str | None, name: str, tags: dict,
-                  multirun: bool) -> bool:
-    """Resume: a cell whose evaluation already finished (same cell key) is not run again unless force=true.
-    Within one sweep that is a duplicate cell (skipped); from an earlier run it is reused (its metrics are linked)."""
-    if cfg.force:
-        return False
-    done = tracking.find_finished_cell(exp_id, cell.key)
-    if done is None:
-        return False
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(done.info.start_time / 1000))
-    earlier = f"run '{done.info.run_name}' ({done.info.run_id}, {when})"
-    params = tracking.cell_params(cell, cfg.task.name)
-    if parent and done.data.tags.get("mlflow.parentRunId") == parent:
-        reason = f"same cell as {earlier}, key {cell.key}" + (": method=none ignores bits" if not cell.quantized else "")
-        tracking.record_skipped(name, reason, params, tags)
-        print(f"[qllm] skipped {name}: {reason}", flush=True)
-        return True
-    reason = f"already evaluated in {earlier} with the same cell key {cell.key}; force=true evaluates it again"
-    if multirun:
-        tracking.record_skipped(name, reason, params, {**tags, "qllm.reused_run_id": done.info.run_id},
-                                status="reused", metrics=done.data.metrics)
-    print(f"[qllm] reused {name}: {reason}", flush=True)
-    score = done.data.metrics.get("suite/score_macro")
-    if score is not None:
-        print(f"[qllm] suite/score_macro of that run: {score:.2f} (make ui to browse it)", flush=True)
-    return True
+def _log_stage_logs(workdir: Path) -> None:
+    for f in [*workdir.glob("*.log"), *workdir.glob("launch_*.sh")]:
+        mlflow.log_artifact(str(f), "logs")
 
 
-def run_cell(cfg: DictConfig) -> None:
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    exp_id = tracking.configure(cfg.tracking)
-    parent = tracking.sweep_parent() if multirun else None
-    name = tracking.run_name(cfg.model.name, cfg.method.name, cfg.bits if cfg.method.bits_allowed else None,
-                             cfg.model.dtype, cfg.task.name)
-    overrides = list(HydraConfig.get().overrides.task)
-    tags = {"qllm.kind": "cell", "qllm.sweep_id": tracking.sweep_id(),
-            "qllm.overrides": " ".join(overrides)}
-    try:
-        cell = plan_cell(cfg)
-    except QllmConfigError as e:
-        if not multirun:
-            print(f"[qllm] invalid cell ({' '.join(overrides) or 'defaults'}): {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        tracking.record_skipped(name, str(e), {"model": cfg.model.name, "method": cfg.method.name,
-                                               "bits": cfg.bits, "task": cfg.task.name}, tags)
-        print(f"[qllm] skipped {name}: {e}", flush=True)
-        return
+def _end_unfinished(status: Status, tags: dict, e: BaseException, workdir: Path, name: str, job: Job) -> None:
+    """A failed or timed-out cell: status, error.txt (the orchestrator's and the stage's tracebacks), stage logs.
+    A single run then exits 1; a sweep goes on with its next cell."""
+    mlflow.set_tags({Tag.STATUS: status.value, **tags})
+    stage_tb = getattr(e, "stage_traceback", "")
+    mlflow.log_text(traceback.format_exc()
+                    + (f"\n--- traceback of the {e.stage} stage process ---\n{stage_tb}" if stage_tb else ""),
+                    "error.txt")
+    _log_stage_logs(workdir)
+    mlflow.end_run(status.name)
+    print(f"[qllm] {status.name} {name}: {e}", file=sys.stderr, flush=True)
+    if not job.multirun:
+        raise SystemExit(1) from None
 
-    tags.update({"qllm.cell_key": cell.key, "qllm.quant_key": cell.quant_key})
-    if _already_done(cfg, cell, exp_id, parent, name, tags, multirun):
-        return
 
-    workdir = Path(HydraConfig.get().runtime.output_dir)
-    shutil.rmtree(workdir / "stages" / "profile", ignore_errors=True)  # a re-run in the same dir: no stale profiles
-    launch = OmegaConf.to_container(cfg.launch, resolve=True)
+def _execute(cfg: DictConfig, cell: Cell, job: Job, name: str) -> None:
+    """One MLflow run for the cell: its stages, and what ended it (finished, failed, killed)."""
+    workdir = Path(HydraConfig.get().runtime.output_dir) / "stages"
+    shutil.rmtree(workdir / "profile", ignore_errors=True)  # a re-run in the same dir: no stale profiles
+    port = runner.free_port()  # this cell's rendezvous port, for every stage's launcher
     system_metrics = cell.profile["enabled"] and cell.profile["system_metrics"]
     if system_metrics:
         mlflow.set_system_metrics_sampling_interval(cell.profile["system_metrics_interval_s"])
-    with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags, log_system_metrics=system_metrics) as run:
+    tags = {**job.tags, Tag.RENDEZVOUS_PORT: str(port),
+            Tag.STAGE_LAUNCHERS: ",".join(f"{s}={cfg.launch[s].name}" for s in _config.STAGES)}
+    with mlflow.start_run(run_name=name, parent_run_id=job.parent, tags=tags, log_system_metrics=system_metrics) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in tracking.cell_params(cell, cfg.task.name).items()})
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text(cell.to_json(), "cell.json")
         try:
-            quant = None
-            if cell.quantized:
-                mlflow.log_text(yaml.safe_dump(cell.recipe, sort_keys=False), "recipe.yaml")
-                quant = stages.quantize(cell, workdir / "stages", launch, cfg.force)
-                manifest = quant["manifest"]
-                mlflow.log_dict(manifest, "manifest.json")
-                mlflow.log_metrics({**cost_metrics.quantization(manifest), "quantize/stage_wall_s": quant["wall_s"]})
-                mlflow.set_tag("qllm.quantize_reused", str(manifest.get("reused", False)).lower())
-                tracking.log_checkpoint(quant["checkpoint"], manifest, cfg.tracking.log_checkpoint_max_mb)
-            results = stages.evaluate(cell, workdir / "stages", launch, quant["checkpoint"] if quant else None,
-                                      cfg.force)
-            mlflow.log_metrics(tracking.task_metrics(results))
-            mlflow.log_metric("evaluate/stage_wall_s", results["stage_wall_s"])
-            fp = results["fingerprint"]
-            mlflow.set_tags({"qllm.eval_speed": "dense (hf backend decompresses weights)",
-                             "qllm.evaluated_weights": json.dumps(fp),
-                             # tasks whose finished result (same task key) came from the cache, not this run
-                             "qllm.eval_reused_tasks": ",".join(results["reused_tasks"]) or "none"})
-            mlflow.log_artifacts(results["out_dir"], "eval")  # per-sample correctness; full samples if asked
-            costs = _log_costs(cell, quant, results, workdir / "stages")
+            outcome = _stages(cfg, cell, workdir, port)
+            mlflow.set_tag(Tag.STATUS, Status.FINISHED.value)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): the stage's process group is gone
+            why = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+            mlflow.set_tags({Tag.STATUS: Status.KILLED.value, Tag.KILL_REASON: why})
             _log_stage_logs(workdir)
-            mlflow.set_tag(tracking.STATUS, "finished")
-        except KeyboardInterrupt:
-            mlflow.set_tag(tracking.STATUS, "killed")
             mlflow.end_run("KILLED")
-            if multirun:
-                tracking.mark_sweep_killed()
-            print(f"[qllm] interrupted: run {run.info.run_id} marked KILLED; finished tasks are cached and a "
-                  "re-run resumes with the missing ones", file=sys.stderr, flush=True)
+            if job.multirun:
+                tracking.mark_sweep_killed(why)
+            print(f"[qllm] {why}: run {run.info.run_id} marked KILLED; finished tasks are cached and a re-run "
+                  "resumes with the missing ones", file=sys.stderr, flush=True)
             raise
-        except Exception as e:  # one failing cell must not take the sweep down
-            mlflow.set_tags({tracking.STATUS: "failed", "qllm.error": str(e)[:5000]})
-            stage_tb = getattr(e, "stage_traceback", "")
-            mlflow.log_text(traceback.format_exc()
-                            + (f"\n--- traceback of the {e.stage} stage process ---\n{stage_tb}" if stage_tb else ""),
-                            "error.txt")
-            _log_stage_logs(workdir)
-            mlflow.end_run("FAILED")
-            print(f"[qllm] FAILED {name}: {e}", file=sys.stderr, flush=True)
-            if not multirun:
-                raise SystemExit(1) from None
+        except StageTimeout as e:  # this cell only: the sweep goes on
+            _end_unfinished(Status.KILLED, {Tag.KILL_REASON: str(e), Tag.ERROR: str(e)}, e, workdir, name, job)
             return
-    _print_summary(cell, results, run.info.run_id, cfg.tracking.uri, quant, costs)
+        except Exception as e:  # one failing cell must not take the sweep down
+            _end_unfinished(Status.FAILED, {Tag.ERROR: str(e)[:5000]}, e, workdir, name, job)
+            return
+    backend = backends.get(cell.eval["backend"])
+    console.print_summary(cell, outcome.results, run.info.run_id, cfg.tracking.uri, outcome.quant, outcome.costs,
+                          backend.speed_kind)
+
+
+def _handle_sigterm() -> None:
+    """SIGTERM as Ctrl-C, in whatever process runs the cell (the CLI, or a launcher's worker process)."""
+    with contextlib.suppress(ValueError):  # not the main thread: the process's own handler stays
+        signal.signal(signal.SIGTERM, runner.raise_terminated)
+
+
+def run_cell(cfg: DictConfig) -> None:
+    _handle_sigterm()
+    job = Job.start()
+    cell = _plan(cfg, job)
+    if cell is None:
+        return
+    job.open_store(cfg)
+    job.tags.update({Tag.CELL_KEY: cell.key, Tag.QUANT_KEY: cell.quant_key})
+    name = _name(cfg, cell)
+    if not _reuse(cfg, cell, job, name):
+        _execute(cfg, cell, job, name)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -229,11 +280,19 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     try:
+        sys.argv[1:] = _config.rewrite_overrides(sys.argv[1:])
         _config.check_override_keys(sys.argv[1:])
     except QllmConfigError as e:
         print(f"[qllm] {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    main()
+    _handle_sigterm()  # kill, timeout(1), SLURM: like Ctrl-C
+    try:
+        main()
+    except KeyboardInterrupt as e:  # also between the cells of a sweep: its parent run is KILLED
+        why = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        with contextlib.suppress(Exception):  # the store may be unreachable: the exit status still says it
+            tracking.mark_sweep_killed(why)
+        raise SystemExit(128 + (signal.SIGTERM if why == "SIGTERM" else signal.SIGINT)) from None
 
 
 if __name__ == "__main__":

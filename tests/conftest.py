@@ -1,4 +1,8 @@
-"""Shared fixtures: the data folder, an isolated MLflow store and cache, and running qllm as a user does."""
+"""Shared fixtures: the data folder, an isolated MLflow store and cache, and running qllm as a user does.
+
+The tree mirrors the package (tests/<subpackage>/test_<module>.py: in-process unit tests); tests/e2e/ holds what only
+real processes can show (the CLI, stage processes, launchers, signals) and is marked `e2e` here.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("QLLM_DATA_DIR", REPO.parent / "shared" / "data"))
+
+# Under pytest-xdist (`make test` runs 2 workers), each worker and every process it starts gets its share of the
+# cores: OpenMP threads of two processes on 2 cores contend. Measured: two SmolLM2 evaluations side by side took
+# 39-43 s with 2 threads each and 31-33 s with 1 thread each (one alone: 31 s with 2 threads, 34 s with 1).
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_share)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    e2e = REPO / "tests" / "e2e"
+    for item in items:
+        if e2e in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from qllm.cell import CONF_DIR, compose_cell, compose_config
+from qllm.config import CONF_DIR
+from qllm.planning import compose_cell, compose_config
 from qllm.errors import QllmConfigError
 
 
@@ -81,7 +83,7 @@ def test_paper_models_plan_their_group_sizes():
     """Every hub model config carries the widths needed to validate its default group size without the hub."""
     from omegaconf import OmegaConf
 
-    from qllm.cell import _check_group_size
+    from qllm.planning import check_group_size as _check_group_size
     from qllm.methods import rtn
 
     for f in sorted((CONF_DIR / "model").glob("*.yaml")):
@@ -133,3 +135,47 @@ def test_suites_and_twins_are_consistent():
                               "dialogue", "perplexity"), (f.stem, key)
             if e.offline_twin:
                 assert e.offline_twin in options and e.offline_twin in offline, (key, e.offline_twin)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("calibration.num_samples=-3", "calibration.num_samples must be a positive integer; got -3"),
+    ("calibration.max_seq_len=0", "calibration.max_seq_len must be a positive integer; got 0"),
+    ("task.limit=-1", "task.limit must be a positive integer or null (no cap); got -1"),
+    ("task.max_gen_toks=0", "task.max_gen_toks must be a positive integer or null (no cap); got 0"),
+    ("task.tasks.wikitext_offline.max_doc_tokens=-5",
+     "task.tasks.wikitext_offline.max_doc_tokens must be a positive integer or null (no cap); got -5"),
+    ("eval.batch_size=0", "eval.batch_size must be a positive integer; got 0"),
+    ("eval.device=tpu", "eval.device='tpu' is not a device the hf backend knows; valid: auto, cpu, cuda, "
+                        "cuda:<index>, mps"),
+    ("eval.device=cuda:x", "eval.device='cuda:x' is not a device"),
+    ("model.dtype=float13", "model.dtype='float13' is not a dtype qllm loads models in; valid: float32, bfloat16, "
+                            "float16"),
+    ("model.group_size=0", "model.group_size must be a positive integer or null (per-channel); got 0"),
+    ("method.settings.group_size=-64", "method.settings.group_size must be a positive integer or null"),
+    ("launch.evaluate.timeout_s=0", "launch.evaluate.timeout_s must be > 0 seconds or null (no limit); got 0"),
+    ("launch.quantize.nproc=0", "launch nproc must be >= 1; got 0"),
+])
+def test_bad_values_fail_at_planning_naming_the_key(data_dir, override, message):
+    """Each of these used to surface only after minutes of work (or as a traceback): now planning refuses it."""
+    with pytest.raises(QllmConfigError) as e:
+        plan("method=gptq", override, data_dir=data_dir)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["profile.speed=true", "profile.speed_output_len=1"], "profile.speed_output_len must be >= 2; got 1"),
+    (["profile.speed=true", "profile.speed_batch_sizes=[1,0]"], "profile.speed_batch_sizes must be positive"),
+])
+def test_speed_settings_are_checked_when_speed_is_on(data_dir, overrides, message):
+    with pytest.raises(QllmConfigError, match=re.escape(message)):
+        plan("method=rtn", *overrides, data_dir=data_dir)
+    assert plan("method=rtn", overrides[1], data_dir=data_dir)  # off: not measured, not checked
+
+
+def test_eval_backend_versions_enter_the_key_only_for_its_own_libraries(data_dir):
+    from qllm.stages import backends
+
+    cell = plan("method=rtn", data_dir=data_dir)
+    assert set(cell.eval_versions) == set(backends.get("hf").libraries)
+    assert "vllm" not in cell.eval_versions and "llmcompressor" not in cell.eval_versions
+    assert set(cell.quant_versions) == {"torch", "transformers", "llmcompressor", "compressed-tensors"}

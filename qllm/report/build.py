@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
+from ..names import Kind, Tag
 from . import plots
 from .render import Doc, fmt
 from .select import Store, apply_filters, dedupe
@@ -183,17 +184,17 @@ def _log(store: Store, an: Analysis, out: Path, scope: str, sweeps: list[str], s
     """The report as an MLflow run (`qllm.kind=report`): nested under the sweep's parent run when it covers one
     sweep, tagged with the runs it covers (`qllm.report_runs`, truncated; all of them in covered_runs.json)."""
     client = store.client
-    tags = {"qllm.kind": "report", "qllm.report_runs": ",".join(covered)[:5000],
-            "qllm.report_n_runs": str(len(covered)), "qllm.report_dir": str(out),
-            "mlflow.note.content": f"qllm report over {scope}: {len(an.evaluated)} evaluated cell(s). Open the "
+    tags = {Tag.KIND: Kind.REPORT.value, Tag.REPORT_RUNS: ",".join(covered)[:5000],
+            Tag.REPORT_N_RUNS: str(len(covered)), Tag.REPORT_DIR: str(out),
+            Tag.NOTE: f"qllm report over {scope}: {len(an.evaluated)} evaluated cell(s). Open the "
                                    "artifact `report.html` (self-contained) or `report.md`; the covered runs are in "
                                    "`covered_runs.json`.\n\nMissing:\n" + "\n".join(f"- {m}" for m in an.missing)}
     if len(sweeps) == 1:
-        tags["qllm.sweep_id"] = sweeps[0]
+        tags[Tag.SWEEP_ID] = sweeps[0]
         parent = store.sweep_parent(sweeps[0])
         # not under a sweep still running: its end counts every child without a qllm.status as a lost cell
         if parent is not None and parent.info.status != "RUNNING":
-            tags["mlflow.parentRunId"] = parent.info.run_id
+            tags[Tag.PARENT_RUN_ID] = parent.info.run_id
     run = client.create_run(store.experiment_id, run_name=f"report · {scope}", tags=tags)
     rid = run.info.run_id
     params = {"sweep_ids": ",".join(sweep_ids) or "-", "run_ids": ",".join(run_ids)[:500] or "-",

@@ -13,27 +13,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..names import method_color  # noqa: E402  (fixed per method: the same in every report)
 from . import stats  # noqa: E402
 from .tables import Analysis, size_gb  # noqa: E402
 
-# Okabe & Ito (2008): distinguishable with the common colour-vision deficiencies; black for the baseline
-OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#999999"]
-BASELINE_COLOR = "#000000"
-METHODS = ["rtn", "gptq", "awq", "smoothquant", "fp8"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 STYLE = {"figure.dpi": 100, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
          "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
          "axes.spines.right": False, "savefig.bbox": "tight", "font.family": "DejaVu Sans"}
 LOST, GAINED = "#D55E00", "#009E73"
 
+# figure captions, as the report prints them under each figure
+CAPTIONS = {
+    "accuracy_vs_bits": "Accuracy vs bits: one line per model and method, one panel per task type (mean over the "
+                        "type's tasks); dashed line: the same model's unquantized baseline.",
+    "iso_memory": "Iso-memory: each cell's score vs its size in GB (size/disk_gb; hollow = estimated), all models and "
+                  "methods; ringed points joined by the dotted step line form the Pareto front (no smaller model "
+                  "scores higher).",
+    "ppl_vs_accuracy": "Perplexity vs accuracy: one point per cell; ρ is Spearman's rank correlation across the cells "
+                       "(negative: lower perplexity goes with higher accuracy).",
+    "flips": "Flips: share of items whose correctness changes vs the same model's baseline; left: lost (right → "
+             "wrong), right: gained (wrong → right). A small net delta can hide many flips.",
+    "cost": "Accuracy vs cost: {ylabel} against decode speed and peak memory where measured (hf backend: dense "
+            "speed).",
+    "difficulty": "{model}: quantization cost per difficulty bucket = baseline − quantized score on the primary "
+                  "metric (points; above 0: the quantized model does worse).",
+}
+
 Result = tuple[list[tuple[str, str]], list[str]]  # ([(png name, caption)], [notes on what was skipped])
-
-
-def method_color(method: str) -> str:
-    if method == "none":
-        return BASELINE_COLOR
-    i = METHODS.index(method) if method in METHODS else len(METHODS) + abs(hash(method)) % 2
-    return OKABE_ITO[i % len(OKABE_ITO)]
 
 
 class Markers:
@@ -58,6 +65,13 @@ def _save(fig, out: Path, name: str) -> str:
     fig.savefig(out / name)
     plt.close(fig)
     return name
+
+
+def _finish(fig, handles: dict, title: str, out: Path, name: str, caption: str) -> list[tuple[str, str]]:
+    """The legend below the panels, the title, the PNG written: [(its file name, its caption)]."""
+    _legend_below(fig, handles)
+    fig.suptitle(title)
+    return [(_save(fig, out, name), caption)]
 
 
 def _ylabel(unit: str, higher: bool) -> str:
@@ -105,8 +119,8 @@ def accuracy_vs_bits(an: Analysis, out: Path) -> Result:
                 xs |= set(g["bits"])
                 if method == "none":
                     for _, r in g.iterrows():
-                        ax.axhline(r["value"], color=BASELINE_COLOR, ls="--", lw=1, alpha=0.7)
-                        h, = ax.plot([r["bits"]], [r["value"]], marker=mk(model), color=BASELINE_COLOR, ls="none",
+                        ax.axhline(r["value"], color=method_color("none"), ls="--", lw=1, alpha=0.7)
+                        h, = ax.plot([r["bits"]], [r["value"]], marker=mk(model), color=method_color("none"), ls="none",
                                      ms=7)
                         ax.annotate("base", (r["bits"], r["value"]), textcoords="offset points", xytext=(4, 4),
                                     fontsize=7)
@@ -114,18 +128,13 @@ def accuracy_vs_bits(an: Analysis, out: Path) -> Result:
                     continue
                 h, = ax.plot(g["bits"], g["value"], marker=mk(model), color=method_color(method), lw=1.5, ms=6)
                 handles[f"{model} · {method}"] = h
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(xs))
-            ax.set_xticklabels([f"{x:g}" for x in sorted(xs)])
-            ax.set_xlabel("weight bits (baseline at its dtype's bits)")
             unit = per_cell["unit"].iloc[0] if len(per_cell) else "score"
-            ax.set_ylabel(_ylabel(unit, True))
-            ax.set_title(f"{typ}: {', '.join(sorted(common))}" if len(common) < 4 else f"{typ} ({len(common)} tasks)")
-        _legend_below(fig, handles)
-        fig.suptitle("Accuracy vs weight bits, per task type")
-        return [(_save(fig, out, "accuracy_vs_bits.png"),
-                 "Accuracy vs bits: one line per model and method, one panel per task type (mean over the type's "
-                 "tasks); dashed line: the same model's unquantized baseline.")], []
+            ax.set_xscale("log", base=2)
+            ax.set(xticks=sorted(xs), xticklabels=[f"{x:g}" for x in sorted(xs)], ylabel=_ylabel(unit, True),
+                   xlabel="weight bits (baseline at its dtype's bits)",
+                   title=f"{typ}: {', '.join(sorted(common))}" if len(common) < 4 else f"{typ} ({len(common)} tasks)")
+        return _finish(fig, handles, "Accuracy vs weight bits, per task type", out, "accuracy_vs_bits.png",
+                       CAPTIONS["accuracy_vs_bits"]), []
 
 
 def iso_memory(an: Analysis, out: Path) -> Result:
@@ -166,12 +175,8 @@ def iso_memory(an: Analysis, out: Path) -> Result:
             ax.set_xlabel("model size (GB, log scale)")
             ax.set_ylabel(_ylabel(g["unit"].iloc[0], higher))
             ax.set_title(task)
-        _legend_below(fig, handles)
-        fig.suptitle("Iso-memory: score vs model size")
-        return [(_save(fig, out, "iso_memory.png"),
-                 "Iso-memory: each cell's score vs its size in GB (size/disk_gb; hollow = estimated), all models and "
-                 "methods; ringed points joined by the dotted step line form the Pareto front (no smaller model "
-                 "scores higher).")], notes
+        return _finish(fig, handles, "Iso-memory: score vs model size", out, "iso_memory.png",
+                       CAPTIONS["iso_memory"]), notes
 
 
 def ppl_vs_accuracy(an: Analysis, out: Path) -> Result:
@@ -199,11 +204,8 @@ def ppl_vs_accuracy(an: Analysis, out: Path) -> Result:
             _plain_log_ticks(ax.xaxis)
             ax.set_xlabel(f"{row['perplexity_task']} {p['unit'].iloc[0]} (log scale, lower is better)")
             ax.set_ylabel(_ylabel(a["unit"].iloc[0], True))
-        _legend_below(fig, handles)
-        fig.suptitle("Perplexity vs accuracy across cells")
-        return [(_save(fig, out, "ppl_vs_accuracy.png"),
-                 "Perplexity vs accuracy: one point per cell; ρ is Spearman's rank correlation across the cells "
-                 "(negative: lower perplexity goes with higher accuracy).")], []
+        return _finish(fig, handles, "Perplexity vs accuracy across cells", out, "ppl_vs_accuracy.png",
+                       CAPTIONS["ppl_vs_accuracy"]), []
 
 
 def difficulty(an: Analysis, out: Path, max_buckets: int = 30) -> Result:
@@ -246,12 +248,9 @@ def difficulty(an: Analysis, out: Path, max_buckets: int = 30) -> Result:
                 ax.set_xticklabels(xs, rotation=30 if len(xs) > 4 else 0, ha="right" if len(xs) > 4 else "center")
                 ax.set_ylabel("cost (points lost vs baseline)")
                 ax.set_title(title)
-            _legend_below(fig, handles)
-            fig.suptitle(f"{model}: quantization cost by difficulty bucket")
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model)
-            files.append((_save(fig, out, f"difficulty_{safe}.png"),
-                          f"{model}: quantization cost per difficulty bucket = baseline − quantized score on the "
-                          "primary metric (points; above 0: the quantized model does worse)."))
+            files += _finish(fig, handles, f"{model}: quantization cost by difficulty bucket", out,
+                             f"difficulty_{safe}.png", CAPTIONS["difficulty"].format(model=model))
     return files, notes
 
 
@@ -274,19 +273,14 @@ def flips(an: Analysis, out: Path) -> Result:
                 ax.annotate(f"{fp:.1f}% flip", (max(gp, 0), yi), textcoords="offset points", xytext=(4, -3),
                             fontsize=7)
             ax.axvline(0, color="black", lw=0.8)
-            ax.set_yticks(y)
-            ax.set_yticklabels(labels)
-            ax.set_xlabel("items changing correctness vs baseline (% of items)")
-            ax.set_title(task)
+            ax.set(yticks=y, yticklabels=labels, title=task,
+                   xlabel="items changing correctness vs baseline (% of items)")
             lim = max(1.0, float(np.nanmax(np.r_[g["lost_pct"], g["gained_pct"]])) * 1.4)
             ax.set_xlim(-lim, lim)
-        handles = {"lost (right → wrong)": plt.Rectangle((0, 0), 1, 1, color=LOST),
-                   "gained (wrong → right)": plt.Rectangle((0, 0), 1, 1, color=GAINED)}
-        _legend_below(fig, handles)
-        fig.suptitle("Flips vs baseline, per task")
-        return [(_save(fig, out, "flips.png"),
-                 "Flips: share of items whose correctness changes vs the same model's baseline; left: lost "
-                 "(right → wrong), right: gained (wrong → right). A small net delta can hide many flips.")], []
+        legend = {"lost (right → wrong)": plt.Rectangle((0, 0), 1, 1, color=LOST),
+                  "gained (wrong → right)": plt.Rectangle((0, 0), 1, 1, color=GAINED)}
+        return _finish(fig, legend, "Flips vs baseline, per task", out, "flips.png",
+                       CAPTIONS["flips"]), []
 
 
 def cost(an: Analysis, out: Path) -> Result:
@@ -314,11 +308,8 @@ def cost(an: Analysis, out: Path) -> Result:
                             textcoords="offset points", xytext=(4, 3), fontsize=7)
             ax.set_xlabel(label)
             ax.set_ylabel(ylabel)
-        _legend_below(fig, handles)
-        fig.suptitle("Accuracy vs cost")
-        return [(_save(fig, out, "cost.png"),
-                 f"Accuracy vs cost: {ylabel} against decode speed and peak memory where measured "
-                 "(hf backend: dense speed).")], []
+        return _finish(fig, handles, "Accuracy vs cost", out, "cost.png",
+                       CAPTIONS["cost"].format(ylabel=ylabel)), []
 
 
 ALL = [("Accuracy vs bits", accuracy_vs_bits), ("Iso-memory", iso_memory), ("Perplexity vs accuracy", ppl_vs_accuracy),

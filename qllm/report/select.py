@@ -19,10 +19,12 @@ from typing import Iterable, Optional
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from .. import mlflow_store
+from ..names import Kind, Status, Tag, metric_name as _metric_name
+from ..store import mlflow_store
 
-STATUS_ORDER = ("finished", "reused", "failed", "killed", "running", "lost", "skipped")
-EVALUATED = ("finished", "reused")
+STATUS_ORDER = tuple(s.value for s in (Status.FINISHED, Status.REUSED, Status.FAILED, Status.KILLED, Status.RUNNING,
+                                        Status.LOST, Status.SKIPPED))
+EVALUATED = (Status.FINISHED.value, Status.REUSED.value)
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 # task settings a baseline must share with a quantized cell to be compared with it
 TASK_SETTINGS = ("limit", "num_fewshot", "max_doc_tokens", "max_gen_toks")
@@ -34,10 +36,8 @@ def default_uri() -> str:
 
 
 def metric_name(metric: str) -> str:
-    """A task's primary metric (lm-eval "acc" or "exact_match,strict-match") as its MLflow name, like
-    tracking._metric_name: "acc" -> "acc", "exact_match,strict-match" -> "exact_match_strict-match"."""
-    name, _, filt = metric.partition(",")
-    return name if filt in ("", "none") else f"{name}_{filt}"
+    """A task's primary metric (lm-eval "acc" or "exact_match,strict-match") as its MLflow name."""
+    return _metric_name(metric)
 
 
 @dataclass
@@ -86,15 +86,15 @@ class CellRun:
     @property
     def source_run_id(self) -> str:
         """The run that evaluated this cell (the earlier run for a reused cell): where its artifacts are."""
-        return self.tags.get("qllm.reused_run_id") or self.run_id
+        return self.tags.get(Tag.REUSED_RUN_ID) or self.run_id
 
     @property
     def sweep_id(self) -> str:
-        return self.tags.get("qllm.sweep_id", "")
+        return self.tags.get(Tag.SWEEP_ID, "")
 
     @property
     def cell_key(self) -> str:
-        return self.tags.get("qllm.cell_key", "")
+        return self.tags.get(Tag.CELL_KEY, "")
 
     @property
     def label(self) -> str:
@@ -109,8 +109,8 @@ class CellRun:
 
     @property
     def note(self) -> str:
-        text = {"failed": self.tags.get("qllm.error", ""), "skipped": self.tags.get("qllm.skip_reason", ""),
-                "reused": f"metrics of run {self.tags.get('qllm.reused_run_id', '?')}",
+        text = {"failed": self.tags.get(Tag.ERROR, ""), "skipped": self.tags.get(Tag.SKIP_REASON, ""),
+                "reused": f"metrics of run {self.tags.get(Tag.REUSED_RUN_ID, '?')}",
                 "lost": "no qllm.status: the job died without reporting",
                 "killed": "interrupted (Ctrl-C or a kill)"}.get(self.status, "")
         text = text.strip()
@@ -141,7 +141,7 @@ def task_specs(params: dict[str, str]) -> dict[str, TaskSpec]:
 
 def cell_from_run(run: Run) -> CellRun:
     tags, params = dict(run.data.tags), dict(run.data.params)
-    status = tags.get("qllm.status") or ("running" if run.info.status == "RUNNING" else "lost")
+    status = tags.get(Tag.STATUS) or (Status.RUNNING.value if run.info.status == "RUNNING" else Status.LOST.value)
     return CellRun(run_id=run.info.run_id, name=run.info.run_name or "", status=status, run_status=run.info.status,
                    model=params.get("model", "?"), method=params.get("method", "?"), bits=params.get("bits", "none"),
                    suite=params.get("task", ""), tasks=task_specs(params), metrics=dict(run.data.metrics),
@@ -181,16 +181,16 @@ class Store:
         whole experiment when neither is given."""
         sweep_ids, run_ids = list(sweep_ids), list(run_ids)
         if not sweep_ids and not run_ids:
-            return [cell_from_run(r) for r in self.search("tags.`qllm.kind` = 'cell'")]
+            return [cell_from_run(r) for r in self.search(f"tags.`{Tag.KIND}` = '{Kind.CELL}'")]
         found: dict[str, Run] = {}
         for s in sweep_ids:
-            for r in self.search(f"tags.`qllm.kind` = 'cell' and tags.`qllm.sweep_id` = '{s}'"):
+            for r in self.search(f"tags.`{Tag.KIND}` = '{Kind.CELL}' and tags.`{Tag.SWEEP_ID}` = '{s}'"):
                 found[r.info.run_id] = r
         for rid in run_ids:
             run = self.client.get_run(rid)
-            kind = run.data.tags.get("qllm.kind", "cell")
+            kind = run.data.tags.get(Tag.KIND, Kind.CELL.value)
             if kind == "sweep":
-                for r in self.search(f"tags.`mlflow.parentRunId` = '{rid}' and tags.`qllm.kind` = 'cell'"):
+                for r in self.search(f"tags.`{Tag.PARENT_RUN_ID}` = '{rid}' and tags.`{Tag.KIND}` = '{Kind.CELL}'"):
                     found[r.info.run_id] = r
             elif kind == "cell":
                 found[rid] = run
@@ -198,12 +198,12 @@ class Store:
 
     def baselines(self, model: str) -> list[CellRun]:
         """Every finished baseline run (method=none) of a model in the experiment, latest first."""
-        runs = self.search(f"tags.`qllm.kind` = 'cell' and params.model = '{model}' and params.method = 'none' "
-                           "and tags.`qllm.status` = 'finished'")
+        runs = self.search(f"tags.`{Tag.KIND}` = '{Kind.CELL}' and params.model = '{model}' and params.method = 'none' "
+                           f"and tags.`{Tag.STATUS}` = '{Status.FINISHED}'")
         return [cell_from_run(r) for r in sorted(runs, key=lambda r: -(r.info.start_time or 0))]
 
     def sweep_parent(self, sweep_id: str) -> Optional[Run]:
-        runs = self.search(f"tags.`qllm.kind` = 'sweep' and tags.`qllm.sweep_id` = '{sweep_id}'")
+        runs = self.search(f"tags.`{Tag.KIND}` = '{Kind.SWEEP}' and tags.`{Tag.SWEEP_ID}` = '{sweep_id}'")
         return runs[-1] if runs else None
 
     def per_sample(self, run_id: str, task: str) -> Optional[list[dict]]:

@@ -1,0 +1,109 @@
+"""`eval=hf`: lm-eval's HuggingFace backend (transformers), on CPU or one GPU.
+
+transformers decompresses a compressed-tensors checkpoint to dense weights when it loads it: the scores are those of
+the quantized weights, but memory and speed are those of a dense model ("dense" speed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from ...errors import QllmConfigError
+from . import EvalBackendConfig
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:<index>", "mps")
+
+
+@dataclass
+class HFConfig(EvalBackendConfig):
+    backend: str = "hf"
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N | mps
+
+
+def _check_gpu(device: str, index: int) -> None:
+    """eval.device=cuda[:N] on a machine without that GPU fails here, not after the quantize stage: NVML (the
+    driver's library, no torch) says which GPUs this process sees (CUDA_VISIBLE_DEVICES applies to CUDA, not NVML,
+    so a visible-devices list narrows the count)."""
+    import os
+
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except pynvml.NVMLError as e:
+        raise QllmConfigError(f"eval.device={device!r}, but no NVIDIA GPU is visible here (NVML: {e}); valid here: "
+                              "auto, cpu") from None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    if index >= count:
+        raise QllmConfigError(f"eval.device={device!r}, but this process sees {count} GPU(s): valid: auto, cpu"
+                              + (", cuda, " + ", ".join(f"cuda:{i}" for i in range(count)) if count else ""))
+
+
+class HFBackend:
+    name: ClassVar[str] = "hf"
+    config: ClassVar[type] = HFConfig
+    speed_kind: ClassVar[str] = "dense"
+    speed_note: ClassVar[str] = ("hf (dense weights: compressed-tensors checkpoints are decompressed on load; this is "
+                                 "dense speed, not the speed of low-bit kernels)")
+    speed_tag: ClassVar[str] = "dense (hf backend decompresses weights)"
+    libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers", "lm_eval", "compressed-tensors")
+
+    def validate(self, settings: dict, model: dict) -> None:
+        device = settings["device"]
+        base, _, index = device.partition(":")
+        if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
+            raise QllmConfigError(f"eval.device={device!r} is not a device the hf backend knows; valid: "
+                                  f"{', '.join(DEVICES)}")
+        if base == "cuda":
+            _check_gpu(device, int(index or 0))
+
+    def device(self, settings: dict) -> str:
+        import torch
+
+        if settings["device"] == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return settings["device"]
+
+    def load(self, settings: dict, model: dict, model_path: str, quantized: bool, seed: int) -> Any:
+        import torch
+        from lm_eval.models.huggingface import HFLM
+
+        torch.manual_seed(seed)
+        rev = model["revision"] if (model["source"] == "hub" and not quantized) else None
+        return HFLM(
+            pretrained=model_path,
+            revision=rev or "main",
+            dtype=model["dtype"],
+            device=self.device(settings),
+            batch_size=settings["batch_size"],
+            max_length=settings.get("max_length"),
+            trust_remote_code=bool(model.get("trust_remote_code")),
+        )
+
+    def tokenizer(self, lm: Any) -> Any:
+        return lm.tokenizer
+
+    def fingerprint(self, lm: Any, group_size: Optional[int]) -> dict:
+        from ...measure.fingerprint import weight_fingerprint
+
+        return weight_fingerprint(lm.model, group_size)
+
+    def weights_in_memory(self, lm: Any) -> Optional[dict]:
+        from ...measure.sizes import weights_in_memory
+
+        return weights_in_memory(lm.model)
+
+    def benchmark(self, lm: Any, speed: dict, seed: int) -> dict:
+        from ...measure.speed import benchmark
+
+        return benchmark(lm.model, lm.tokenizer, batch_sizes=tuple(speed["speed_batch_sizes"]),
+                         prompt_len=speed["speed_prompt_len"], output_len=speed["speed_output_len"],
+                         warmup=speed["speed_warmup"], repeats=speed["speed_repeats"], seed=seed,
+                         note=self.speed_note)
+
+
+BACKEND = HFBackend

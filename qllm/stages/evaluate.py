@@ -1,0 +1,230 @@
+"""Evaluate stage: a checkpoint (quantized or baseline) + the cell's tasks -> lm-eval results, and the speed
+benchmark when asked.
+
+Runs in its own process (`python -m qllm.stages.evaluate --cell cell.json --model PATH --out DIR`, under the
+stage's launcher). The cell's evaluation backend (qllm.stages.backends) loads the model once as an lm-eval LM; each
+task is evaluated with its own shots and limit, since lm-eval takes one of each per call. Every finished task and
+the speed benchmark are cached as soon as they finish, so an interrupted cell resumes with what is missing.
+With several ranks, lm-eval splits the requests and the main rank alone writes results, cache entries and profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ..cell import Cell
+from ..measure import profiling
+from ..records import CachedEval, EvalResult, TaskResult
+from ..store import cache
+from ..tasks import results
+from . import backends, process
+from .backends import EvalBackend
+
+
+class _Weights:
+    """What the evaluated weights were (taken once, from the first task or the benchmark, or from the cache)."""
+
+    def __init__(self, model_path: Optional[str]):
+        self.model_path = model_path
+        self.fingerprint: Optional[dict] = None
+        self.in_memory: Optional[dict] = None
+
+    def take(self, hit: CachedEval) -> None:
+        self.fingerprint = self.fingerprint or hit.fingerprint
+        self.in_memory = self.in_memory or hit.weights_in_memory
+        self.model_path = self.model_path or hit.model_path  # the baseline's dir, when nothing is left to load
+
+    def measure(self, backend: EvalBackend, lm: Any, group_size: Optional[int]) -> None:
+        """After a forward pass: transformers decompresses compressed weights lazily."""
+        self.fingerprint = backend.fingerprint(lm, group_size)
+        self.in_memory = backend.weights_in_memory(lm)
+
+
+def _save(cell: Cell, entry: Path, weights: _Weights, files: dict[str, Path], **result: Any) -> None:
+    if not process.is_main():
+        return
+    record = CachedEval(**result, fingerprint=weights.fingerprint, weights_in_memory=weights.in_memory,
+                        key=entry.name.rsplit("-", 1)[1], cell=cell.name, model=cell.model["name"],
+                        method=cell.method, bits=cell.bits, quant_key=cell.quant_key, model_path=weights.model_path,
+                        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    cache.save_eval(entry, record.to_dict(), files)
+
+
+# ---- reuse ----
+
+
+def _cached_tasks(cell: Cell, force: bool) -> dict[str, CachedEval]:
+    """Tasks of this cell already evaluated (same task key) by an earlier or interrupted run."""
+    if force:
+        return {}
+    found = {}
+    for key in cell.tasks:
+        hit = cache.load_eval(cache.eval_dir(cell, key), need_samples=bool(cell.eval["log_samples"]))
+        if hit is not None:
+            found[key] = CachedEval.from_dict(hit)
+    return found
+
+
+def _cached_speed(cell: Cell, force: bool) -> Optional[CachedEval]:
+    """The speed benchmark measured earlier with the same settings, if any."""
+    if force or not cell.speed_key:
+        return None
+    for entry in cache.speed_dirs(cell):
+        hit = cache.load_eval(entry, need_samples=False)
+        if hit is not None:
+            print(f"[qllm] evaluate: speed: reusing the benchmark finished {hit['finished']} (key {cell.speed_key}; "
+                  "force=true measures again)", flush=True)
+            return CachedEval.from_dict(hit)
+    return None
+
+
+def _reuse_tasks(cell: Cell, hits: dict[str, CachedEval], weights: _Weights, out_dir: Path) -> dict[str, TaskResult]:
+    """The cached tasks' results, with their per-sample files copied into this run's output."""
+    per_task = {}
+    for key, hit in hits.items():
+        entry = cache.eval_dir(cell, key)
+        print(f"[qllm] evaluate: {key}: reusing the result finished {hit.finished} (key {cell.task_keys[key]}; "
+              "force=true evaluates again)", flush=True)
+        weights.take(hit)
+        assert hit.summary is not None
+        hit.summary.reused = True
+        per_task[key] = hit.summary
+        for name in ("per_sample.jsonl", "samples.jsonl"):
+            if (entry / name).is_file() and (name != "samples.jsonl" or cell.eval["log_samples"]):
+                shutil.copyfile(entry / name, out_dir / f"{name[:-6]}_{key}.jsonl")
+    return per_task
+
+
+# ---- running ----
+
+
+def _run_tasks(cell: Cell, backend: EvalBackend, lm: Any, todo: list[str], out_dir: Path,
+               weights: _Weights) -> dict[str, TaskResult]:
+    per_task = {}
+    for key in todo:
+        per_task[key] = _evaluate_task(cell, backend, lm, key, out_dir)
+        if key == todo[0]:
+            weights.measure(backend, lm, cell.group_size)
+        files = {"per_sample.jsonl": out_dir / f"per_sample_{key}.jsonl"}
+        if cell.eval["log_samples"]:
+            files["samples.jsonl"] = out_dir / f"samples_{key}.jsonl"
+        _save(cell, cache.eval_dir(cell, key), weights, files, summary=per_task[key], task=key)
+    return per_task
+
+
+def _run_speed(cell: Cell, backend: EvalBackend, lm: Any, weights: _Weights, first_pass: bool) -> dict:
+    p = cell.profile
+    print(f"[qllm] benchmark: speed at batch sizes {p['speed_batch_sizes']}, prompt {p['speed_prompt_len']} "
+          f"+ {p['speed_output_len']} tokens ({backend.speed_kind} speed, {backend.name} backend) ...", flush=True)
+    speed = backend.benchmark(lm, p, cell.seed)
+    if first_pass:  # the benchmark's warm-up ran the first forward pass
+        weights.measure(backend, lm, cell.group_size)
+    _save(cell, cache.speed_dirs(cell)[0], weights, {}, speed=speed, task="speed")
+    return speed
+
+
+def _evaluate_task(cell: Cell, backend: EvalBackend, lm: Any, key: str, out_dir: Path) -> TaskResult:
+    from lm_eval import simple_evaluate
+
+    from ..tasks import spec
+
+    ev, entry = cell.eval, cell.tasks[key]
+    print(f"[qllm] evaluate: {key} ({entry['num_fewshot']}-shot, limit {entry['limit']}) ...", flush=True)
+    t = time.perf_counter()
+    task, top = spec.lm_eval_spec(entry, backend.tokenizer(lm))
+    res = simple_evaluate(
+        model=lm,
+        tasks=[task],
+        num_fewshot=entry["num_fewshot"] if isinstance(task, str) else None,  # inline configs carry their own
+        gen_kwargs=spec.gen_kwargs(entry),
+        limit=entry["limit"],
+        apply_chat_template=bool(ev.get("apply_chat_template")),
+        fewshot_as_multiturn=bool(ev.get("apply_chat_template")),
+        log_samples=True,  # per-sample correctness is always kept (difficulty, flips); full logs only on request
+        bootstrap_iters=ev["bootstrap_iters"],
+        random_seed=ev["seed"],
+        numpy_random_seed=ev["seed"],
+        torch_random_seed=ev["seed"],
+        fewshot_random_seed=ev["seed"],
+    )
+    if res is None:  # lm-eval gathers every rank's requests on the main rank and returns None elsewhere
+        return TaskResult(lm_eval_task=top)
+    summary = results.summarize_task(res, top, entry)
+    records = results.per_sample_records(res, spec.difficulty_of(entry))
+    summary.by_difficulty = results.by_difficulty(records, entry["metric"])
+    summary.wall_s = round(time.perf_counter() - t, 2)
+    with open(out_dir / f"per_sample_{key}.jsonl", "w") as f:
+        f.writelines(json.dumps(r, default=str) + "\n" for r in records)
+    if ev["log_samples"]:
+        with open(out_dir / f"samples_{key}.jsonl", "w") as f:
+            for leaf_samples in res["samples"].values():
+                f.writelines(json.dumps(x, default=str) + "\n" for x in leaf_samples)
+    return summary
+
+
+def evaluate(cell: Cell, model_path: Optional[str], out_dir: Path, force: bool = False,
+             profile_dir: Optional[Path] = None) -> EvalResult:
+    """Evaluate the cell's tasks that have no finished result in the cache, then the speed benchmark if asked and
+    not cached. The model is loaded only if something is left to run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    backend = backends.get(cell.eval["backend"])
+    weights = _Weights(model_path)
+    hits = _cached_tasks(cell, force)
+    speed_hit = _cached_speed(cell, force)
+    if speed_hit:
+        weights.take(speed_hit)
+    per_task = _reuse_tasks(cell, hits, weights, out_dir)
+    todo = [k for k in cell.tasks if k not in hits]
+    measure_speed = bool(cell.speed_key) and speed_hit is None
+    speed = speed_hit.speed if speed_hit else None
+    load_s = 0.0
+    with profiling.for_stage(cell, "evaluate", profile_dir if process.is_main() else None) as prof:
+        if todo or measure_speed:
+            with prof.phase("load"):
+                t_load = time.perf_counter()
+                if weights.model_path is None:
+                    from ..sources.models import prepare
+
+                    weights.model_path = prepare(cell.model, cell.data_dir, cell.cache_dir)
+                lm = backend.load(cell.eval, cell.model, weights.model_path, cell.quantized, cell.seed)
+                load_s = time.perf_counter() - t_load
+        if todo:
+            with prof.phase("evaluate"):
+                per_task |= _run_tasks(cell, backend, lm, todo, out_dir, weights)
+        if measure_speed:
+            with prof.phase("benchmark"):
+                speed = _run_speed(cell, backend, lm, weights, first_pass=not todo)
+
+    per_task = {k: per_task[k] for k in cell.tasks}  # the suite's order
+    result = EvalResult(
+        tasks=per_task, suite=results.suite_score(per_task), reused_tasks=sorted(hits), evaluated_tasks=todo,
+        speed=speed, speed_reused=speed_hit is not None, weights_in_memory=weights.in_memory,
+        model_path=weights.model_path, fingerprint=weights.fingerprint,
+        device=backend.device(cell.eval) if (todo or measure_speed) else None, backend=backend.name,
+        speed_note=backend.speed_note, wall_s={"load": round(load_s, 2), "total": round(time.perf_counter() - t0, 2)},
+    )
+    if process.is_main():
+        (out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="qllm evaluate stage")
+    p.add_argument("--cell", required=True, type=Path)
+    p.add_argument("--model", default=None, help="checkpoint dir to evaluate (default: the cell's base model)")
+    p.add_argument("--out", required=True, type=Path, help="output dir (results.json, samples)")
+    p.add_argument("--force", action="store_true", help="evaluate every task again, even those finished earlier")
+    p.add_argument("--profile-dir", type=Path, default=None, help="where to write the memory profile")
+    a = p.parse_args()
+    process.start("evaluate")
+    evaluate(Cell.from_json(a.cell.read_text()), a.model, a.out, a.force, a.profile_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Stage launchers: the command line and environment that start one stage (quantize, evaluate) of one cell.
+
+A launcher is one module here plus one YAML in conf/launch/ (`launch.quantize=<name>`, `launch.evaluate=<name>`):
+
+    qllm/stages/launchers/<name>.py  a config dataclass (subclass of LauncherConfig) and a class implementing
+                                     Launcher, exported as `LAUNCHER`
+    conf/launch/<name>.yaml          `defaults: [<name>_schema, _self_]` and the settings' defaults
+
+A launcher only builds the command. What every launcher needs is done once, by qllm.stages.runner: the stage runs
+in its own process group; Ctrl-C, SIGTERM or `timeout_s` end the whole group; output is streamed and kept as a log;
+a free rendezvous port is chosen per cell (`{port}` in a command, MASTER_PORT in the environment); ranks other than
+the main one write no results (qllm.stages.ranks).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Optional, Protocol, runtime_checkable
+
+from omegaconf import MISSING
+
+from ... import plugins
+
+
+@dataclass
+class LauncherConfig:
+    """Settings every launcher has."""
+
+    name: str = MISSING
+    timeout_s: Optional[float] = None  # end the stage (its whole process group) after this many seconds
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What a launcher may put into a command: the interpreter running qllm, the cell's free rendezvous port, the
+    stage's working dir."""
+
+    python: str
+    port: int
+    workdir: Path
+
+
+@runtime_checkable
+class Launcher(Protocol):
+    name: ClassVar[str]
+    config: ClassVar[type[LauncherConfig]]
+
+    def validate(self, settings: dict) -> None:
+        """Planning: refuse settings that cannot launch (QllmConfigError naming the key and what is valid)."""
+
+    def command(self, settings: dict, module: str, args: list[str], ctx: LaunchContext) -> list[str]:
+        """The command line that runs `python -m <module> <args>` under this launcher."""
+
+    def env(self, settings: dict, ctx: LaunchContext) -> dict[str, str]:
+        """Environment variables to add for the stage."""
+
+    def ranks(self, settings: dict) -> int:
+        """How many processes (ranks) the stage runs as."""
+
+
+def names() -> list[str]:
+    """The launchers there are (`launch.<stage>=<name>`)."""
+    return plugins.names(sys.modules[__name__])
+
+
+def get(name: str) -> Launcher:
+    """The launcher called `name`, or a QllmConfigError listing the ones there are."""
+    return plugins.load(sys.modules[__name__], name, "LAUNCHER", "stage launcher")

@@ -1,0 +1,138 @@
+"""Quantize stage: model + recipe + calibration -> a compressed-tensors checkpoint in the content-addressed cache.
+
+Runs in its own process (`python -m qllm.stages.quantize --cell cell.json --out quantize.json`, under the stage's
+launcher). The checkpoint is written to a temp dir beside its final place and renamed into place when complete, with
+a manifest (config, versions, wall time, sizes, checksums): a killed job never leaves a directory that looks done.
+With several ranks, every rank quantizes (collectives) and the main rank alone saves and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..cell import Cell
+from ..measure import profiling
+from ..records import Manifest, QuantizeResult
+from ..store import cache
+from . import process
+
+
+def quantize(cell: Cell, force: bool = False, profile_dir: Path | None = None) -> QuantizeResult:
+    """Quantize once. A cached checkpoint is reused when it passes its integrity check (unless forced); parallel jobs
+    needing the same checkpoint wait for the one making it."""
+    out = cache.checkpoint_dir(cell)
+    with cache.locked(out) if process.is_main() else contextlib.nullcontext():
+        if not force and out.exists():
+            problem = cache.verify(out)
+            if problem is None:
+                print(f"[qllm] quantize: reusing cached checkpoint {out} (integrity verified)", flush=True)
+                cache.touch(out)
+                return QuantizeResult(str(out), Manifest.from_dict(cache.read_manifest(out) or {}), reused=True)
+            if process.is_main():
+                moved = cache.quarantine(out)
+                print(f"[qllm] quantize: cached checkpoint {out.name} failed its integrity check ({problem}); "
+                      f"moved aside to {moved.name}, quantizing again", flush=True)
+        with profiling.for_stage(cell, "quantize", profile_dir if process.is_main() else None) as prof:
+            return QuantizeResult(str(out), _quantize(cell, out, force, prof), reused=False)
+
+
+def _load(cell: Cell) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..sources import models
+
+    source = models.prepare(cell.model, cell.data_dir, cell.cache_dir)
+    trust = bool(cell.model.get("trust_remote_code"))
+    rev = cell.model["revision"] if cell.model["source"] == "hub" else None
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=rev, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, revision=rev, dtype=getattr(torch, cell.model["dtype"]), trust_remote_code=trust
+    )
+    return model, tokenizer
+
+
+def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, bool]:
+    """Calibration data + llmcompressor's oneshot; (calibration tokens, samples, whether a workaround was used)."""
+    from llmcompressor import oneshot
+
+    from . import compat
+    from .calibration import calibration_dataset
+
+    kwargs: dict = {}
+    n_tokens = n_samples = 0
+    if cell.calibration:
+        ds = calibration_dataset(cell.calibration, tokenizer, cell.data_dir)
+        n_tokens, n_samples = sum(len(r) for r in ds["input_ids"]), len(ds)
+        kwargs = dict(dataset=ds, num_calibration_samples=len(ds), max_seq_length=cell.calibration["max_seq_len"])
+    patched = "AWQModifier" in cell.recipe["quant_stage"]["quant_modifiers"] and compat.awq_cpu_pin_memory()
+    oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
+    return n_tokens, n_samples, patched
+
+
+def _quantize(cell: Cell, out: Path, force: bool, prof: profiling.StageProfiler) -> Manifest:
+    import torch
+
+    torch.manual_seed(cell.seed)
+    t0 = time.perf_counter()
+    with prof.phase("load"):
+        model, tokenizer = _load(cell)
+    t_load = time.perf_counter() - t0
+    print(f"[qllm] quantize: {cell.name} ({cell.scheme}) ...", flush=True)
+    t1 = time.perf_counter()
+    with prof.phase("quantize"):  # calibration data + oneshot: the cost of making this checkpoint
+        n_tokens, n_samples, patched = _oneshot(cell, model, tokenizer)
+    t_quant = time.perf_counter() - t1
+    manifest = Manifest(
+        cell_quant_key=cell.quant_key, model=cell.model, method=cell.method, bits=cell.bits, scheme=cell.scheme,
+        recipe=cell.recipe, calibration=cell.calibration, calibration_tokens=n_tokens, calibration_samples=n_samples,
+        versions=cell.quant_versions, python=platform.python_version(),
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        workarounds=["llmcompressor AWQ pin_memory on CPU skipped"] if patched else [],
+    )
+    if not process.is_main():
+        return manifest
+    tmp = cache.temp_dir(out)
+    try:
+        with prof.phase("save"):
+            model.save_pretrained(tmp, save_compressed=True)
+            tokenizer.save_pretrained(tmp)
+            manifest.files = cache.file_digests(tmp)
+        manifest.wall_s = {"load": round(t_load, 2), "quantize": round(t_quant, 2),
+                           "total": round(time.perf_counter() - t0, 2)}
+        # memory of making it (peaks per phase, this process and its children), kept with the checkpoint so a cell
+        # that reuses it still reports what it cost
+        manifest.profile = dict(prof.phases)
+        manifest.checkpoint_bytes = sum(f["bytes"] for f in manifest.files.values())
+        manifest.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        (tmp / cache.MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+        cache.publish(tmp, out, replace=force)  # atomic: a killed job leaves only a hidden temp dir
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="qllm quantize stage")
+    p.add_argument("--cell", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="where to write the stage result (JSON)")
+    p.add_argument("--force", action="store_true", help="quantize again even if the checkpoint is cached")
+    p.add_argument("--profile-dir", type=Path, default=None, help="where to write the memory profile")
+    a = p.parse_args()
+    process.start("quantize")
+    result = quantize(Cell.from_json(a.cell.read_text()), a.force, a.profile_dir)
+    if process.is_main():
+        a.out.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

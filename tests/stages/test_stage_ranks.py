@@ -1,0 +1,51 @@
+"""With several ranks (torchrun, accelerate, deepspeed set RANK), only the main rank writes: results, profiles,
+cache entries, checkpoints. In-process, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from qllm.planning import compose_cell
+from qllm.records import CachedEval, TaskResult
+from qllm.stages import evaluate, quantize
+from qllm.store import cache
+
+
+def _cell(data_dir, cache_dir, *overrides):
+    return compose_cell([f"data_dir={data_dir}", f"cache_dir={cache_dir}", "model=tiny-random-llama",
+                         "task=arc_easy_offline", "task.limit=2", *overrides])
+
+
+def test_evaluate_writes_results_and_profile_on_the_main_rank_only(tmp_path, data_dir, monkeypatch):
+    cell = _cell(data_dir, tmp_path / "cache", "method=none")
+    per_sample = tmp_path / "per_sample.jsonl"
+    per_sample.write_text(json.dumps({"task": "arc_easy_offline", "doc_id": 0, "filter": "none", "acc": 1}) + "\n")
+    summary = TaskResult(lm_eval_task="arc_easy_offline", metrics={"acc_norm,none": 0.5}, num_fewshot=0,
+                         n_samples={"effective": 2, "original": 2}, primary={"metric": "acc_norm", "value": 0.5},
+                         score=50.0)
+    cache.save_eval(cache.eval_dir(cell, "arc_easy_offline"),  # as an earlier run left it
+                    CachedEval(summary=summary, task="arc_easy_offline", model_path="/m").to_dict(),
+                    {"per_sample.jsonl": per_sample})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        out, prof = tmp_path / f"out{rank}", tmp_path / f"profile{rank}"
+        result = evaluate.evaluate(cell, None, out, profile_dir=prof)
+        assert result.tasks["arc_easy_offline"].score == 50.0 and result.reused_tasks == ["arc_easy_offline"]
+        assert result.model_path == "/m"  # the baseline's dir, from the cached result: nothing left to load
+        assert (out / "results.json").is_file() == (rank == 0)
+        assert (prof / "profile_evaluate.json").is_file() == (rank == 0)
+    written = json.loads((tmp_path / "out0" / "results.json").read_text())
+    assert written["tasks"]["arc_easy_offline"]["reused"] is True and "out_dir" not in written
+
+
+def test_quantize_publishes_the_checkpoint_on_the_main_rank_only(tmp_path, data_dir, monkeypatch):
+    cell = _cell(data_dir, tmp_path / "cache", "method=rtn", "bits=8")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    other = quantize.quantize(cell)
+    assert not cache.checkpoint_dir(cell).exists() and not other.reused and other.manifest.files == {}
+    monkeypatch.setenv("RANK", "0")
+    main = quantize.quantize(cell)
+    assert cache.verify(cache.checkpoint_dir(cell)) is None and main.manifest.checkpoint_bytes > 0
+    assert main.manifest.cell_quant_key == cell.quant_key and main.manifest.wall_s["total"] > 0
