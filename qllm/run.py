@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,6 @@ def _reuse(cfg: DictConfig, cell: Cell, job: Job, name: str) -> bool:
     done = tracking.find_finished_cell(job.experiment_id, cell.key)
     if done is None:
         return False
-    import time
-
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(done.info.start_time / 1000))
     earlier = f"run '{done.info.run_name}' ({done.info.run_id}, {when})"
     params = tracking.cell_params(cell, cfg.task.name)

@@ -45,18 +45,57 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("qllm-cache")
 
 
-def run_qllm(args: list[str], workdir: Path, cache_dir: Path, data_dir: Path | None = None,
-             timeout: int = 900) -> subprocess.CompletedProcess:
-    """`python -m qllm.run ARGS` in a fresh process, with its MLflow store and Hydra outputs under workdir."""
+def _qllm(args: list[str], workdir: Path, cache_dir: Path, data_dir: Path | None) -> tuple[list[str], dict]:
+    """The command line and environment of `python -m qllm.run ARGS` with its store and outputs under workdir."""
     env = {**os.environ, "QLLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "")}
     if data_dir is not None:
         env["QLLM_DATA_DIR"] = str(data_dir)
     cmd = [sys.executable, "-m", "qllm.run", *args,
            f"tracking.uri=sqlite:///{workdir}/mlruns/mlflow.db", f"tracking.artifact_root={workdir}/mlruns/artifacts",
            f"hydra.run.dir={workdir}/outputs/run", f"hydra.sweep.dir={workdir}/outputs/sweep"]
+    return cmd, env
+
+
+def run_qllm(args: list[str], workdir: Path, cache_dir: Path, data_dir: Path | None = None,
+             timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m qllm.run ARGS` in a fresh process, with its MLflow store and Hydra outputs under workdir."""
+    cmd, env = _qllm(args, workdir, cache_dir, data_dir)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     (workdir / "qllm.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     return proc
+
+
+def start_qllm(args: list[str], workdir: Path, cache_dir: Path, data_dir: Path | None = None,
+               quiet: bool = False) -> subprocess.Popen:
+    """`python -m qllm.run ARGS` started in the background (its output readable line by line unless quiet)."""
+    cmd, env = _qllm(args, workdir, cache_dir, data_dir)
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def signal_when(proc: subprocess.Popen, marker: str, sig: int) -> tuple[str, list, str]:
+    """Send `sig` to the orchestrator `proc` (only to it, as `kill PID` or a terminal does) once its output shows
+    `marker`; wait for it to end. Returns its whole output, the processes it had started (psutil) and their command
+    lines as they were."""
+    import psutil
+
+    seen = []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        seen.append(line)
+        if marker in line:
+            break
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert started, "".join(seen)[-3000:]
+    commands = "\n".join(" ".join(p.cmdline()) for p in started)
+    proc.send_signal(sig)
+    return "".join(seen) + proc.communicate(timeout=120)[0], started, commands
+
+
+def none_alive(procs: list) -> bool:
+    """No process of the list runs any more (zombies waiting to be reaped do not count)."""
+    import psutil
+
+    return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
 
 
 def mlflow_runs(workdir: Path):

@@ -67,11 +67,13 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
-def _finish(fig, handles: dict, title: str, out: Path, name: str, caption: str) -> list[tuple[str, str]]:
-    """The legend below the panels, the title, the PNG written: [(its file name, its caption)]."""
+def _finish(fig, handles: dict, title: str, out: Path, figure: str, file: str = "",
+            **fmt: str) -> list[tuple[str, str]]:
+    """The legend below the panels, the title, the PNG written (`<figure>.png` unless `file`): [(its file name, its
+    caption CAPTIONS[figure] filled with `fmt`)]."""
     _legend_below(fig, handles)
     fig.suptitle(title)
-    return [(_save(fig, out, name), caption)]
+    return [(_save(fig, out, file or f"{figure}.png"), CAPTIONS[figure].format(**fmt))]
 
 
 def _ylabel(unit: str, higher: bool) -> str:
@@ -133,8 +135,7 @@ def accuracy_vs_bits(an: Analysis, out: Path) -> Result:
             ax.set(xticks=sorted(xs), xticklabels=[f"{x:g}" for x in sorted(xs)], ylabel=_ylabel(unit, True),
                    xlabel="weight bits (baseline at its dtype's bits)",
                    title=f"{typ}: {', '.join(sorted(common))}" if len(common) < 4 else f"{typ} ({len(common)} tasks)")
-        return _finish(fig, handles, "Accuracy vs weight bits, per task type", out, "accuracy_vs_bits.png",
-                       CAPTIONS["accuracy_vs_bits"]), []
+        return _finish(fig, handles, "Accuracy vs weight bits, per task type", out, "accuracy_vs_bits"), []
 
 
 def iso_memory(an: Analysis, out: Path) -> Result:
@@ -175,8 +176,7 @@ def iso_memory(an: Analysis, out: Path) -> Result:
             ax.set_xlabel("model size (GB, log scale)")
             ax.set_ylabel(_ylabel(g["unit"].iloc[0], higher))
             ax.set_title(task)
-        return _finish(fig, handles, "Iso-memory: score vs model size", out, "iso_memory.png",
-                       CAPTIONS["iso_memory"]), notes
+        return _finish(fig, handles, "Iso-memory: score vs model size", out, "iso_memory"), notes
 
 
 def ppl_vs_accuracy(an: Analysis, out: Path) -> Result:
@@ -204,8 +204,7 @@ def ppl_vs_accuracy(an: Analysis, out: Path) -> Result:
             _plain_log_ticks(ax.xaxis)
             ax.set_xlabel(f"{row['perplexity_task']} {p['unit'].iloc[0]} (log scale, lower is better)")
             ax.set_ylabel(_ylabel(a["unit"].iloc[0], True))
-        return _finish(fig, handles, "Perplexity vs accuracy across cells", out, "ppl_vs_accuracy.png",
-                       CAPTIONS["ppl_vs_accuracy"]), []
+        return _finish(fig, handles, "Perplexity vs accuracy across cells", out, "ppl_vs_accuracy"), []
 
 
 def difficulty(an: Analysis, out: Path, max_buckets: int = 30) -> Result:
@@ -249,8 +248,8 @@ def difficulty(an: Analysis, out: Path, max_buckets: int = 30) -> Result:
                 ax.set_ylabel("cost (points lost vs baseline)")
                 ax.set_title(title)
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model)
-            files += _finish(fig, handles, f"{model}: quantization cost by difficulty bucket", out,
-                             f"difficulty_{safe}.png", CAPTIONS["difficulty"].format(model=model))
+            files += _finish(fig, handles, f"{model}: quantization cost by difficulty bucket", out, "difficulty",
+                             f"difficulty_{safe}.png", model=model)
     return files, notes
 
 
@@ -279,8 +278,7 @@ def flips(an: Analysis, out: Path) -> Result:
             ax.set_xlim(-lim, lim)
         legend = {"lost (right → wrong)": plt.Rectangle((0, 0), 1, 1, color=LOST),
                   "gained (wrong → right)": plt.Rectangle((0, 0), 1, 1, color=GAINED)}
-        return _finish(fig, legend, "Flips vs baseline, per task", out, "flips.png",
-                       CAPTIONS["flips"]), []
+        return _finish(fig, legend, "Flips vs baseline, per task", out, "flips"), []
 
 
 def cost(an: Analysis, out: Path) -> Result:
@@ -308,8 +306,7 @@ def cost(an: Analysis, out: Path) -> Result:
                             textcoords="offset points", xytext=(4, 3), fontsize=7)
             ax.set_xlabel(label)
             ax.set_ylabel(ylabel)
-        return _finish(fig, handles, "Accuracy vs cost", out, "cost.png",
-                       CAPTIONS["cost"].format(ylabel=ylabel)), []
+        return _finish(fig, handles, "Accuracy vs cost", out, "cost", ylabel=ylabel), []
 
 
 ALL = [("Accuracy vs bits", accuracy_vs_bits), ("Iso-memory", iso_memory), ("Perplexity vs accuracy", ppl_vs_accuracy),

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from ..names import Kind, Status, Tag, metric_name as _metric_name
+from ..names import Kind, Status, Tag, metric_name
 from ..store import mlflow_store
 
 STATUS_ORDER = tuple(s.value for s in (Status.FINISHED, Status.REUSED, Status.FAILED, Status.KILLED, Status.RUNNING,
@@ -33,11 +33,6 @@ TASK_SETTINGS = ("limit", "num_fewshot", "max_doc_tokens", "max_gen_toks")
 def default_uri() -> str:
     """The local store, as conf/tracking/local.yaml writes it from the current directory."""
     return f"sqlite:///{Path.cwd()}/mlruns/mlflow.db"
-
-
-def metric_name(metric: str) -> str:
-    """A task's primary metric (lm-eval "acc" or "exact_match,strict-match") as its MLflow name."""
-    return _metric_name(metric)
 
 
 @dataclass

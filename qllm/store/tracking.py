@@ -68,8 +68,9 @@ def cell_params(cell: Cell, task_name: str) -> dict[str, Any]:
         "eval.batch_size": cell.eval["batch_size"],
         "eval.apply_chat_template": cell.eval.get("apply_chat_template", False), "seed": cell.seed, "git_commit": git_commit(),
     }
-    if cell.model.get("note"):
-        p["model.note"] = cell.model["note"]
+    for key in ("note", "content"):  # provenance caveat; a local model dir's fingerprint (model=hf)
+        if cell.model.get(key):
+            p[f"model.{key}"] = cell.model[key]
     for k, v in (cell.calibration or {}).items():
         p[f"calibration.{k}"] = v
     for key, e in cell.tasks.items():

@@ -3,7 +3,6 @@ the half-written checkpoint is never taken as complete, a re-run makes a correct
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from conftest import mlflow_runs, run_qllm
+from conftest import mlflow_runs, run_qllm, start_qllm
 
 pytestmark = pytest.mark.slow
 # seed=7 gives this checkpoint its own quant key: the session cache holds SmolLM2's other RTN checkpoints
@@ -21,10 +20,7 @@ ARGS = ["model=smollm2-135m-instruct", "method=rtn", "bits=8", "seed=7", "task=a
 
 def test_sigkill_mid_write_then_rerun(tmp_path, cache_dir, data_dir):
     quantized = cache_dir / "quantized"
-    env = {**os.environ, "QLLM_CACHE_DIR": str(cache_dir), "QLLM_DATA_DIR": str(data_dir)}
-    cmd = [sys.executable, "-m", "qllm.run", *ARGS, f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
-           f"tracking.artifact_root={tmp_path}/mlruns/artifacts", f"hydra.run.dir={tmp_path}/outputs/run"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_qllm(ARGS, tmp_path, cache_dir, data_dir, quiet=True)
 
     def writing() -> list:
         return [p for p in quantized.glob(".smollm2-135m-instruct-rtn-w8-*.tmp-*")] if quantized.is_dir() else []

@@ -40,6 +40,7 @@ def test_gptq_and_awq_on_a_model_given_by_its_path(qwen2_dir, tmp_path, cache_di
     assert sorted(cells.index) == ["awq", "gptq"] and (cells["tags.qllm.status"] == "finished").all()
     assert (cells["params.model"] == "tiny-qwen2").all() and (cells["params.model.source"] == "local").all()
     assert (cells["params.model.dtype"] == "float32").all()  # dtype=auto: the checkpoint's own
+    assert cells["params.model.content"].str.fullmatch(r"[0-9a-f]{16}").all()  # the dir's fingerprint
     assert cells.loc["gptq", "params.scheme"] == "W4A16 int g32 sym"
     assert cells.loc["awq", "params.scheme"] == "W4A16 int g32 asym"
     assert (cells["metrics.arc_easy_offline/n_samples"] == 3).all()

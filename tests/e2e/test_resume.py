@@ -6,7 +6,6 @@ Real processes (the CLI as users start it), a real MLflow store and cache, the t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import mlflow_runs, run_qllm
+from conftest import mlflow_runs, none_alive, run_qllm, signal_when, start_qllm
 
 TINY = ["model=tiny-random-llama", "method=rtn", "bits=4", "task.limit=3"]
 
@@ -105,23 +104,11 @@ def test_ctrl_c_marks_killed_and_resumes_with_missing_tasks(tmp_path, cache_dir,
     task that had not finished."""
     args = ["model=tiny-random-llama", "method=none", "task=quick", "task.tasks.arc_easy_offline.limit=5",
             "task.tasks.wikitext_offline.limit=40", "task.tasks.wikitext_offline.max_doc_tokens=2048", "seed=11"]
-    env = {**os.environ, "QLLM_CACHE_DIR": str(cache_dir), "QLLM_DATA_DIR": str(data_dir)}
-    cmd = [sys.executable, "-m", "qllm.run", *args, f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
-           f"tracking.artifact_root={tmp_path}/mlruns/artifacts", f"hydra.run.dir={tmp_path}/outputs/run"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        seen.append(line)
-        if "[qllm] evaluate: wikitext_offline" in line:
-            break
-    import psutil
-
-    stage = psutil.Process(proc.pid).children(recursive=True)
-    assert stage, "the evaluate stage should be running"
-    proc.send_signal(signal.SIGINT)
-    out = "".join(seen) + proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0, out[-3000:]
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stage), "stage left running"
+    proc = start_qllm(args, tmp_path, cache_dir, data_dir)
+    out, stage, commands = signal_when(proc, "[qllm] evaluate: wikitext_offline", signal.SIGINT)
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert "qllm.stages.evaluate" in commands
+    assert none_alive(stage), "stage left running"
     killed = mlflow_runs(tmp_path)
     assert list(killed["status"]) == ["KILLED"] and list(killed["tags.qllm.status"]) == ["killed"]
 

@@ -3,45 +3,16 @@ process group ends, the cell's run (and the sweep's parent run) is KILLED, finis
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 
-import psutil
-
-from conftest import mlflow_runs
+from conftest import mlflow_runs, none_alive, run_qllm, signal_when, start_qllm
 from qllm.planning import compose_cell
 from qllm.store import cache
 
 # the second task (40 WikiText documents of 2048 tokens) is long enough to be interrupted
 SLOW_SECOND_TASK = ["model=tiny-random-llama", "task=quick", "task.tasks.arc_easy_offline.limit=5",
                     "task.tasks.wikitext_offline.limit=40", "task.tasks.wikitext_offline.max_doc_tokens=2048"]
-
-
-def _start(args: list[str], tmp_path, cache_dir, data_dir) -> subprocess.Popen:
-    env = {**os.environ, "QLLM_CACHE_DIR": str(cache_dir), "QLLM_DATA_DIR": str(data_dir)}
-    cmd = [sys.executable, "-m", "qllm.run", *args, f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
-           f"tracking.artifact_root={tmp_path}/mlruns/artifacts", f"hydra.run.dir={tmp_path}/outputs/run",
-           f"hydra.sweep.dir={tmp_path}/outputs/sweep"]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _sigterm_during_second_task(proc: subprocess.Popen) -> tuple[str, list[psutil.Process]]:
-    seen = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        seen.append(line)
-        if "[qllm] evaluate: wikitext_offline (" in line:
-            break
-    stage = psutil.Process(proc.pid).children(recursive=True)
-    assert any("qllm.stages.evaluate" in " ".join(p.cmdline()) for p in stage), "".join(seen)[-3000:]
-    proc.send_signal(signal.SIGTERM)  # to the orchestrator only, as `kill PID` does
-    out = "".join(seen) + proc.communicate(timeout=120)[0]
-    return out, stage
-
-
-def _none_alive(procs: list[psutil.Process]) -> bool:
-    return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+SECOND_TASK = "[qllm] evaluate: wikitext_offline ("
 
 
 def _cached(overrides: list[str], cache_dir, data_dir) -> dict[str, bool]:
@@ -52,10 +23,11 @@ def _cached(overrides: list[str], cache_dir, data_dir) -> dict[str, bool]:
 
 def test_sigterm_to_a_single_cell(tmp_path, cache_dir, data_dir):
     args = ["method=none", "eval.seed=91", *SLOW_SECOND_TASK]  # its own eval seed: its own task keys
-    proc = _start(args, tmp_path, cache_dir, data_dir)
-    out, stage = _sigterm_during_second_task(proc)
+    proc = start_qllm(args, tmp_path, cache_dir, data_dir)
+    out, stage, commands = signal_when(proc, SECOND_TASK, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert _none_alive(stage), "a stage process survived SIGTERM"
+    assert "qllm.stages.evaluate" in commands
+    assert none_alive(stage), "a stage process survived SIGTERM"
     runs = mlflow_runs(tmp_path)
     assert list(runs["status"]) == ["KILLED"] and list(runs["tags.qllm.status"]) == ["killed"]
     assert list(runs["tags.qllm.kill_reason"]) == ["SIGTERM"]
@@ -64,10 +36,11 @@ def test_sigterm_to_a_single_cell(tmp_path, cache_dir, data_dir):
 
 def test_sigterm_to_a_sweep(tmp_path, cache_dir, data_dir):
     cells = ["method=none", "eval.seed=92", *SLOW_SECOND_TASK]
-    proc = _start(["-m", *cells, "task.tasks.arc_easy_offline.limit=5,6"], tmp_path, cache_dir, data_dir)
-    out, stage = _sigterm_during_second_task(proc)
+    proc = start_qllm(["-m", *cells, "task.tasks.arc_easy_offline.limit=5,6"], tmp_path, cache_dir, data_dir)
+    out, stage, commands = signal_when(proc, SECOND_TASK, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert _none_alive(stage), "a stage process survived SIGTERM"
+    assert "qllm.stages.evaluate" in commands
+    assert none_alive(stage), "a stage process survived SIGTERM"
     runs = mlflow_runs(tmp_path)
     parent = runs[runs["tags.qllm.kind"] == "sweep"]
     runs_of_cells = runs[runs["tags.qllm.kind"] == "cell"]
@@ -82,8 +55,6 @@ def test_sigterm_to_a_sweep(tmp_path, cache_dir, data_dir):
 def test_a_stage_timeout_kills_its_cell_and_the_sweep_goes_on(tmp_path, cache_dir, data_dir):
     """launch.quantize.timeout_s ends a quantize stage that runs over (here a stand-in that sleeps): that cell is
     KILLED with the reason, the next cell (a baseline: no quantize stage) finishes, the sweep exits non-zero."""
-    from conftest import run_qllm
-
     sleeper = "launch.quantize.prefix=['{python}','-c','import time; time.sleep(300)']"
     proc = run_qllm(["-m", "model=tiny-random-llama", "method=rtn,none", "task=arc_easy_offline", "task.limit=2",
                      "launch.quantize.timeout_s=3", sleeper], tmp_path, cache_dir, data_dir)
