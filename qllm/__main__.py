@@ -1,16 +1,17 @@
-"""`qllm <command> ...` (or `python -m qllm <command>`): run | cache | report."""
+"""`qllm <command> ...` (or `python -m qllm <command>`): run | cache | report | compare-backends."""
 
 from __future__ import annotations
 
 import sys
 
 COMMANDS = {"run": "compose and run cells (Hydra overrides; -m sweeps)", "cache": "ls | verify | rm | gc the cache",
-            "report": "tables and plots of a set of runs, logged back to MLflow"}
+            "report": "tables and plots of a set of runs, logged back to MLflow",
+            "compare-backends": "one checkpoint through two backends: per-item agreement, paired delta, verdict"}
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print("usage: qllm <command> [args]\n" + "\n".join(f"  {c:6s} {h}" for c, h in COMMANDS.items()),
+        print("usage: qllm <command> [args]\n" + "\n".join(f"  {c:16s} {h}" for c, h in COMMANDS.items()),
               file=sys.stderr)
         raise SystemExit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     cmd = sys.argv.pop(1)
@@ -23,6 +24,10 @@ def main() -> None:
         from .cache import main as cache_main
 
         raise SystemExit(cache_main())
+    elif cmd == "compare-backends":
+        from .report.consistency import main as compare_main
+
+        raise SystemExit(compare_main())
     else:
         from .report.__main__ import main as report_main
 

@@ -75,7 +75,7 @@ class Keys:
 
     @classmethod
     def of(cls, *, model: dict, method: str, bits: Optional[int], recipe: dict, calibration: Optional[dict],
-           seed: int, tasks: dict, eval_settings: dict, eval_libraries: tuple[str, ...],
+           seed: int, tasks: dict, eval_settings: dict, eval_versions: dict[str, str],
            speed: Optional[dict]) -> "Keys":
         model_id = {k: model.get(k) for k in MODEL_IDENTITY}
         if model.get("content"):
@@ -83,7 +83,6 @@ class Keys:
         quant_versions = versions(QUANT_LIBS) if bits else {}
         quant = digest({"model": model_id, "method": method, "bits": bits, "recipe": recipe if bits else {},
                         "calibration": calibration, "seed": seed if bits else None, "versions": quant_versions})
-        eval_versions = versions(eval_libraries)
         hashed_tasks = as_hashed(tasks)
         cell = digest({"quant_key": quant, "tasks": hashed_tasks, "eval": eval_settings, "versions": eval_versions}
                       | ({"speed": speed} if speed else {}))
@@ -122,7 +121,15 @@ class Cell:
     @property
     def name(self) -> str:
         bits = f"w{self.bits}" if self.bits else self.model["dtype"]
-        return f"{self.model['name']} · {self.method} · {bits}"
+        return f"{self.model['name']} · {self.method} · {bits}{self.backend_label}"
+
+    @property
+    def backend_label(self) -> str:
+        """"" on the hf backend (so names of earlier runs stay), " · vllm", or " · vllm as W4A8" (another scheme)."""
+        backend = self.eval.get("backend", "hf")
+        if backend == "hf":
+            return ""
+        return f" · {backend}" + (" as W4A8" if self.eval.get("cpu_int4_w4a8") else "")
 
     @property
     def bits_label(self) -> str:

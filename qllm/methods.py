@@ -20,6 +20,51 @@ class Recipe:
     def as_llmcompressor(self) -> dict[str, Any]:
         return {"quant_stage": {"quant_modifiers": self.modifiers}}
 
+    @property
+    def quant(self) -> "Scheme":
+        return scheme_of(self.modifiers)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a checkpoint computes with, as an evaluation backend sees it (what decides which kernel can run it)."""
+
+    weights: str = "dense"  # dense | int | float
+    bits: Optional[int] = None
+    symmetric: bool = True
+    group_size: Optional[int] = None  # None: per-channel (or dense)
+    activations: Optional[str] = None  # None: 16-bit activations | int8 | fp8 (dynamic per token)
+
+    @property
+    def family(self) -> str:
+        """The row of a backend's support table: dense, W4A16 sym, W4A16 asym, W8A16 sym, W8A8 int8, W8A8 fp8..."""
+        if self.weights == "dense":
+            return "dense"
+        if self.activations:
+            return f"W{self.bits}A8 {self.activations}"
+        return f"W{self.bits}A16 {'sym' if self.symmetric else 'asym'}"
+
+
+# llmcompressor's preset scheme names used by the methods below -> the scheme they quantize to
+_PRESETS = {"W8A8": Scheme("int", 8, True, None, "int8"), "FP8_DYNAMIC": Scheme("float", 8, True, None, "fp8"),
+            "FP8": Scheme("float", 8, True, None, "fp8")}
+
+
+def scheme_of(modifiers: dict[str, Any]) -> Scheme:
+    """The scheme a recipe's last quantizing modifier applies (a preset name or a weights config group); one
+    scheme per recipe (a recipe of several config groups is mixed precision: the first group's scheme)."""
+    found = Scheme()
+    for kwargs in modifiers.values():
+        if kwargs.get("scheme") in _PRESETS:
+            found = _PRESETS[kwargs["scheme"]]
+        for group in (kwargs.get("config_groups") or {}).values():
+            w = group["weights"]
+            found = Scheme(w["type"], w["num_bits"], w["symmetric"], w.get("group_size"),
+                           None if not group.get("input_activations") else
+                           ("int8" if group["input_activations"]["type"] == "int" else "fp8"))
+            break
+    return found
+
 
 def _int_weights(bits: int, group_size: Optional[int], symmetric: bool, actorder: Optional[str] = None) -> dict:
     w: dict[str, Any] = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False}

@@ -67,6 +67,7 @@ class Tag:
     SPEED_BANDWIDTH_USED = "qllm.speed_bandwidth_used"
     STAGE_LAUNCHERS = "qllm.stage_launchers"  # cell: "quantize=local,evaluate=local"
     RENDEZVOUS_PORT = "qllm.rendezvous_port"
+    CONSISTENCY = "qllm.consistency"  # cell: the verdict of the same checkpoint on another backend
     REPORT_RUNS = "qllm.report_runs"
     REPORT_N_RUNS = "qllm.report_n_runs"
     REPORT_DIR = "qllm.report_dir"
@@ -90,6 +91,7 @@ def task_metric(task: str, *parts: str) -> str:
 SUITE_SCORE = "suite/score_macro"
 QUANTIZE_STAGE_WALL = "quantize/stage_wall_s"
 EVALUATE_STAGE_WALL = "evaluate/stage_wall_s"
+EVALUATE_LOAD_WALL = "evaluate/load_wall_s"  # the model loaded (vLLM: the engine up)
 
 
 def mem_metric(stage: str, what: str, phase: str | None = None) -> str:

@@ -8,6 +8,7 @@ names the key and what is valid.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Optional
 
@@ -19,7 +20,7 @@ from . import cell as cells
 from .cell import Cell
 from .config import CONF_DIR, STAGES
 from .errors import QllmConfigError
-from .methods import Recipe
+from .methods import Recipe, Scheme
 from .sources import models
 from .stages import backends, launchers
 from .tasks import spec as tasks
@@ -55,7 +56,8 @@ def plan_cell(cfg: DictConfig) -> Cell:
     ev = c["eval"]
     backend = backends.get(ev["backend"])
     _check_eval(ev)
-    backend.validate(ev, model)
+    backend.validate(ev, model, recipe.quant if bits else Scheme(),
+                     functools.partial(_model_config, model, data_dir, cache_dir))
     profile = c["profile"]
     _check_profile(profile)
     for stage in STAGES:
@@ -64,7 +66,7 @@ def plan_cell(cfg: DictConfig) -> Cell:
     keys = cells.Keys.of(model=model, method=method["name"], bits=bits,
                          recipe=recipe.as_llmcompressor() if bits else {}, calibration=calibration, seed=c["seed"],
                          tasks=task_entries, eval_settings=backends.key_settings(ev),
-                         eval_libraries=backend.libraries, speed=cells.speed_settings(profile))
+                         eval_versions=backend.versions(ev), speed=cells.speed_settings(profile))
     return Cell(
         model=model, method=method["name"], bits=bits, scheme=recipe.scheme if bits else model["dtype"],
         group_size=recipe.group_size, recipe=recipe.as_llmcompressor() if bits else {}, calibration=calibration,
@@ -85,6 +87,14 @@ def _check_model(model: dict) -> None:
     if model.get("group_size") is not None and model["group_size"] <= 0:
         raise QllmConfigError(f"model.group_size must be a positive integer or null (per-channel); got "
                               f"{model['group_size']}")
+
+
+def _model_config(model: dict, data_dir: str, cache_dir: str) -> Optional[dict]:
+    """The model's config.json when it can be read without loading weights (None when it cannot)."""
+    try:
+        return models.hf_config(model, data_dir, cache_dir)
+    except QllmConfigError:
+        return None
 
 
 def _effective_bits(method: dict, bits: int) -> Optional[int]:

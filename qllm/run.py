@@ -35,6 +35,7 @@ from .measure import cost_metrics, sizes
 from .names import EVALUATE_STAGE_WALL, QUANTIZE_STAGE_WALL, Kind, Status, Tag
 from .planning import plan_cell
 from .records import EvalResult, QuantizeResult
+from .report import consistency
 from .stages import backends, runner
 from .stages.runner import StageTimeout, Terminated
 from .store import tracking
@@ -251,6 +252,20 @@ def _execute(cfg: DictConfig, cell: Cell, job: Job, name: str) -> None:
     backend = backends.get(cell.eval["backend"])
     console.print_summary(cell, outcome.results, run.info.run_id, cfg.tracking.uri, outcome.quant, outcome.costs,
                           backend.speed_kind)
+    _check_consistency(cfg, cell, run.info.run_id)
+
+
+def _check_consistency(cfg: DictConfig, cell: Cell, run_id: str) -> None:
+    """The same checkpoint finished on another backend (`-m eval=hf,vllm`): compare item by item (logged to this
+    run). A comparison that fails never fails the cell."""
+    try:
+        result = consistency.check_against_twins(cfg.tracking.uri, cfg.tracking.experiment, run_id, cell.quant_key,
+                                                 cell.eval["backend"])
+    except Exception as e:  # noqa: BLE001
+        print(f"[qllm] backend consistency check failed: {e!r}", file=sys.stderr, flush=True)
+        return
+    if result and result["tasks"]:
+        print("[qllm] backend consistency: " + consistency.render(result), flush=True)
 
 
 def _handle_sigterm() -> None:

@@ -56,6 +56,10 @@ def size(stats: dict, in_memory: Optional[dict]) -> dict[str, float]:
         out[size_metric("bits_per_weight_quantized")] = stats["bits_per_weight_quantized"]
     if in_memory:
         out[size_metric("weights_in_memory_gb")] = in_memory["bytes"] / 1e9
+        # a serving engine (vLLM) also says what KV cache it allocated and how much its process tree holds
+        for key, name in (("kv_cache_bytes", "kv_cache_gb"), ("rss_tree_bytes", "engine_rss_tree_gb")):
+            if in_memory.get(key) is not None:
+                out[size_metric(name)] = in_memory[key] / 1e9
     return out
 
 
@@ -71,6 +75,9 @@ def speed(result: dict) -> dict[str, float]:
     for key in ("decode_bound_tok_s", "decode_fraction_of_bound", "decode_fraction_of_measured_bound"):
         if result.get(key) is not None:
             out[speed_metric(key)] = result[key]
+    for key in ("requests_s", "output_tok_s", "total_tok_s"):  # many requests at once (engine backends)
+        if (result.get("throughput") or {}).get(key) is not None:
+            out[speed_metric(f"throughput_{key}")] = result["throughput"][key]
     bw = result.get("bandwidth") or {}
     for key in ("spec_gbs", "measured_gbs"):
         if bw.get(key) is not None:

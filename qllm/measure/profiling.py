@@ -53,7 +53,7 @@ def _reset_hwm() -> None:
             f.write("5")
 
 
-def _rss_tree(proc: psutil.Process) -> int:
+def rss_tree(proc: psutil.Process) -> int:
     total = proc.memory_info().rss
     for child in proc.children(recursive=True):
         with contextlib.suppress(psutil.Error):
@@ -98,7 +98,7 @@ class StageProfiler:
         if cuda is not None:
             alloc, used = int(cuda.memory_allocated()), _device_used(cuda)
         with contextlib.suppress(psutil.Error):
-            self.samples.append((time.perf_counter() - self._t0, _rss_tree(self._proc), alloc, used))
+            self.samples.append((time.perf_counter() - self._t0, rss_tree(self._proc), alloc, used))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

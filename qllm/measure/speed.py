@@ -27,7 +27,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional, Protocol
 
 BACKEND_NOTE = ("hf (dense weights: compressed-tensors checkpoints are decompressed on load; this is dense speed, "
                 "not the speed of low-bit kernels)")
@@ -217,15 +217,20 @@ def _time_batches(model: Any, vocab: int, device: Any, extra: dict, batch_sizes:
             for _ in range(warmup):
                 _one_run(model, ids, output_len, device, extra)
             runs = [_one_run(model, ids, output_len, device, extra) for _ in range(repeats)]
-            per_batch[str(b)] = {
-                "prefill_tok_s": _stats([b * prompt_len / r["prefill_s"] for r in runs]),
-                "decode_tok_s": _stats([b * steps / r["decode_s"] for r in runs]),
-                "prefill_ms": _stats([1e3 * r["prefill_s"] for r in runs]),
-                "ttft_ms": _stats([1e3 * r["ttft_s"] for r in runs]),
-                "decode_ms": _stats([1e3 * r["decode_s"] for r in runs]),
-                "tpot_ms": _stats([1e3 * r["decode_s"] / steps for r in runs]),
-            }
+            per_batch[str(b)] = _figures(b, prompt_len, steps, runs)
     return per_batch
+
+
+def _figures(b: int, prompt_len: int, steps: int, runs: list[dict]) -> dict[str, dict]:
+    """One batch size's figures from its timed runs ({prefill_s, ttft_s, decode_s} each)."""
+    return {
+        "prefill_tok_s": _stats([b * prompt_len / r["prefill_s"] for r in runs]),
+        "decode_tok_s": _stats([b * steps / r["decode_s"] for r in runs]),
+        "prefill_ms": _stats([1e3 * r["prefill_s"] for r in runs]),
+        "ttft_ms": _stats([1e3 * r["ttft_s"] for r in runs]),
+        "decode_ms": _stats([1e3 * r["decode_s"] for r in runs]),
+        "tpot_ms": _stats([1e3 * r["decode_s"] / steps for r in runs]),
+    }
 
 
 def _bound(device: Any, dev_info: dict, wbytes: int, decode_bs1: float | None, measure_bw: bool) -> dict:
@@ -295,4 +300,68 @@ def benchmark(model: Any, tokenizer: Any, *, batch_sizes: Iterable[int] = (1,), 
         "per_batch": per_batch,
         "weight_bytes": wbytes,
         **_bound(device, dev_info, wbytes, decode_bs1, measure_bw),
+    }
+
+
+class Engine(Protocol):
+    """A serving engine as benchmark_engine drives it: greedy generation of exactly `output_len` tokens for a batch
+    of prompts (token ids), returning the wall time."""
+
+    vocab: int
+    device: str
+    loop: str  # how it generates, for the record
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> float: ...
+
+
+def benchmark_engine(engine: Engine, *, batch_sizes: Iterable[int] = (1,), prompt_len: int = 128,
+                     output_len: int = 32, warmup: int = 1, repeats: int = 3, seed: int = 0, note: str,
+                     weight_bytes: int, dtype: str, throughput_requests: Optional[int] = None,
+                     measure_bw: bool = True) -> dict:
+    """The same figures as `benchmark`, through an engine that only generates whole requests (vLLM): per run,
+    TTFT = the time of a batch generating 1 token (prefill + first token; prefill_* are the same time), decode =
+    the time of the same shapes generating `output_len` tokens minus TTFT, TPOT = decode / (output_len - 1). Each run
+    gets fresh random prompts (seeded), so a prefix cache never serves one. Plus a throughput point as vLLM's own
+    benchmark defines it: `throughput_requests` requests submitted at once (default 4 x the largest batch, at least
+    16), requests/s, output tokens/s and total (prompt + output) tokens/s."""
+    import random
+
+    batch_sizes = [int(b) for b in batch_sizes]
+    _check(None, batch_sizes, prompt_len, output_len, warmup, repeats)
+    rng = random.Random(seed)
+
+    def prompts(n: int) -> list[list[int]]:
+        return [[rng.randrange(engine.vocab) for _ in range(prompt_len)] for _ in range(n)]
+
+    steps, per_batch = output_len - 1, {}
+    for b in batch_sizes:
+        for _ in range(warmup):
+            engine.generate(prompts(b), 1)
+            engine.generate(prompts(b), output_len)
+        runs = []
+        for _ in range(repeats):
+            first = engine.generate(prompts(b), 1)
+            full = engine.generate(prompts(b), output_len)
+            runs.append({"prefill_s": first, "ttft_s": first, "decode_s": max(full - first, 1e-9)})
+        per_batch[str(b)] = _figures(b, prompt_len, steps, runs)
+    n = throughput_requests or max(16, 4 * max(batch_sizes))
+    elapsed = engine.generate(prompts(n), output_len)
+    throughput = {"requests": n, "prompt_len": prompt_len, "output_len": output_len, "elapsed_s": elapsed,
+                  "requests_s": n / elapsed, "output_tok_s": n * output_len / elapsed,
+                  "total_tok_s": n * (prompt_len + output_len) / elapsed}
+    device = _torch().device(engine.device)
+    dev_info = device_info(device)
+    decode_bs1 = per_batch["1"]["decode_tok_s"]["median"] if "1" in per_batch else None
+    return {
+        "backend": note,
+        "device": dev_info,
+        "settings": {"batch_sizes": batch_sizes, "prompt_len": prompt_len, "output_len": output_len,
+                     "decode_steps": steps, "warmup": warmup, "repeats": repeats, "seed": seed, "dtype": dtype,
+                     "loop": engine.loop,
+                     "timer": "time.perf_counter around whole generate calls (the engine synchronises itself)",
+                     "decode": "time(prompt + output_len tokens) - time(prompt + 1 token), same shapes"},
+        "per_batch": per_batch,
+        "throughput": throughput,
+        "weight_bytes": weight_bytes,
+        **_bound(device, dev_info, weight_bytes, decode_bs1, measure_bw),
     }

@@ -94,9 +94,17 @@ class CellRun:
     @property
     def label(self) -> str:
         """"gptq · w4" or "none · float32" (as in the run name, without the model and the task)."""
-        if self.is_baseline or self.bits in ("", "none"):
-            return f"{self.method} · {self.params.get('model.dtype', 'base')}"
-        return f"{self.method} · w{self.bits}"
+        weights = (f"{self.params.get('model.dtype', 'base')}" if self.is_baseline or self.bits in ("", "none")
+                   else f"w{self.bits}")
+        return f"{self.method} · {weights}{self.backend_label}"
+
+    @property
+    def backend_label(self) -> str:
+        """"" on the hf backend (every run before there were others), else " · vllm" (" · vllm as W4A8")."""
+        backend = self.params.get("eval.backend", "hf")
+        if backend == "hf":
+            return ""
+        return f" · {backend}" + (" as W4A8" if self.params.get("eval.cpu_int4_w4a8") == "True" else "")
 
     @property
     def full_label(self) -> str:
@@ -130,8 +138,9 @@ class CellRun:
 def task_specs(params: dict[str, str]) -> dict[str, TaskSpec]:
     keys = [k for k in params.get("tasks", "").split(",") if k]
     chat = params.get("eval.apply_chat_template", "False")
+    backend = params.get("eval.backend", "hf")  # a baseline is compared on its own backend (the last setting)
     return {k: TaskSpec(k, params.get(f"{k}.type", ""), params.get(f"{k}.metric", ""),
-                        tuple(params.get(f"{k}.{s}", "") for s in TASK_SETTINGS) + (chat,)) for k in keys}
+                        tuple(params.get(f"{k}.{s}", "") for s in TASK_SETTINGS) + (chat, backend)) for k in keys}
 
 
 def cell_from_run(run: Run) -> CellRun:

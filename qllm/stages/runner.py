@@ -30,7 +30,7 @@ from typing import Optional
 
 from ..cell import Cell
 from ..records import EvalResult, QuantizeResult
-from . import process
+from . import backends, process
 from .launchers import LaunchContext
 from .launchers import get as get_launcher
 
@@ -104,20 +104,22 @@ def _pump(proc: subprocess.Popen, log: Path, tail: collections.deque) -> None:
             tail.extend(chunk.splitlines(keepends=True))
 
 
-def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[str], port: int) -> float:
+def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[str], port: int,
+              python: Optional[str] = None, stage_env: Optional[dict[str, str]] = None) -> float:
     """Run `python -m qllm.stages.<stage> --cell <workdir>/cell.json ARGS` under the stage's launcher
-    (`launch` = the resolved `launch.<stage>` settings); return its wall seconds."""
+    (`launch` = the resolved `launch.<stage>` settings), with `python` (default: this interpreter) and `stage_env`
+    added to the environment; return its wall seconds."""
     workdir.mkdir(parents=True, exist_ok=True)
     cell_file = workdir / "cell.json"
     cell_file.write_text(cell.to_json())
     launcher = get_launcher(launch["name"])
-    ctx = LaunchContext(python=sys.executable, port=port, workdir=workdir)
+    ctx = LaunchContext(python=python or sys.executable, port=port, workdir=workdir)
     cmd = launcher.command(launch, f"qllm.stages.{stage}", ["--cell", str(cell_file), *args], ctx)
-    (workdir / f"launch_{stage}.sh").write_text(_script(cmd))  # rerun a stage by hand: the exact command
+    added = {**(stage_env or {}), **launcher.env(launch, ctx)}
+    (workdir / f"launch_{stage}.sh").write_text(_script(cmd, added))  # rerun a stage by hand: the exact command
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": str(port),
-           "QLLM_RENDEZVOUS_PORT": str(port), process.ORCHESTRATOR_PID: str(os.getpid()),
-           **launcher.env(launch, ctx)}
+           "QLLM_RENDEZVOUS_PORT": str(port), process.ORCHESTRATOR_PID: str(os.getpid()), **added}
     log = workdir / f"{stage}.log"
     tail: collections.deque[bytes] = collections.deque(maxlen=40)
     timeout: Optional[float] = launch.get("timeout_s")
@@ -144,8 +146,9 @@ def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[st
     return time.perf_counter() - t0
 
 
-def _script(cmd: list[str]) -> str:
+def _script(cmd: list[str], env: dict[str, str]) -> str:
     return ("#!/usr/bin/env bash\n# the command qllm ran for this stage, to rerun it by hand\n"
+            + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
             + " ".join(shlex.quote(c) for c in cmd) + "\n")
 
 
@@ -166,7 +169,9 @@ def evaluate(cell: Cell, workdir: Path, launch: dict, port: int, model_path: Opt
     out = workdir / "eval"
     args = ["--out", str(out), "--profile-dir", str(workdir / "profile")]
     args += (["--model", model_path] if model_path else []) + (["--force"] if force else [])
-    wall = run_stage("evaluate", cell, workdir, launch, args, port)
+    backend = backends.get(cell.eval["backend"])  # a backend with its own environment (vLLM) names its python
+    wall = run_stage("evaluate", cell, workdir, launch, args, port, python=backend.python(cell.eval),
+                     stage_env=backend.env(cell.eval))
     result = EvalResult.from_dict(json.loads((out / "results.json").read_text()))
     result.out_dir, result.stage_wall_s = str(out), wall
     return result

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ..cell import Cell
-from ..names import SWEEP_STATUSES, Kind, Status, Tag, metric_name, task_metric
+from ..names import EVALUATE_LOAD_WALL, SWEEP_STATUSES, Kind, Status, Tag, metric_name, task_metric
 from ..records import EvalResult, QuantizeResult
 from . import mlflow_store
 
@@ -81,6 +81,8 @@ def cell_params(cell: Cell, task_name: str) -> dict[str, Any]:
         for cap in ("max_doc_tokens", "max_gen_toks"):
             if e.get(cap):
                 p[f"{key}.{cap}"] = e[cap]
+    for k, v in cell.eval.items():  # the backend's own settings (dtype, max_model_len, cpu_int4_w4a8, ...)
+        p.setdefault(f"eval.{k}", v)
     for lib, v in {**cell.quant_versions, **cell.eval_versions}.items():
         p[f"version.{lib}"] = v
     return p
@@ -109,6 +111,8 @@ def task_metrics(results: EvalResult) -> dict[str, float]:
         out[task_metric(key, "eval_wall_s")] = float(t.wall_s)
     for name, value in results.suite.items():
         out[f"suite/{name}"] = value
+    if results.wall_s.get("load"):  # loading the model (a serving engine's startup), apart from the tasks' time
+        out[EVALUATE_LOAD_WALL] = float(results.wall_s["load"])
     return out
 
 

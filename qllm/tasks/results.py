@@ -64,11 +64,26 @@ def per_sample_records(res: dict, difficulty: Callable[[dict], Any] | str | None
         names = {k.split(",")[0] for k in res["results"].get(leaf, {}) if "," in k and "_stderr" not in k}
         for s in samples:
             values = {m: s[m] for m in names if isinstance(s.get(m), (int, float, bool))}
-            rec = {"task": leaf, "doc_id": s.get("doc_id"), "filter": s.get("filter", "none"), **values}
+            rec = {"task": leaf, "doc_id": s.get("doc_id"), "filter": s.get("filter", "none"), **values,
+                   "pred": prediction(s.get("filtered_resps"))}
             if difficulty is not None:
                 rec["difficulty"] = difficulty(s["doc"]) if callable(difficulty) else difficulty
             out.append(rec)
     return out
+
+
+def prediction(filtered: Any) -> Any:
+    """What the model answered, comparable across backends: the chosen option's index for multiple choice (highest
+    log-likelihood, lm-eval's `acc` choice), the extracted answer for generation, None otherwise (perplexity)."""
+    if isinstance(filtered, (list, tuple)) and len(filtered) == 1 and not isinstance(filtered[0], (list, tuple)):
+        filtered = filtered[0]
+    if isinstance(filtered, str):
+        return filtered
+    if isinstance(filtered, (list, tuple)) and len(filtered) > 1 and all(
+            isinstance(x, (list, tuple)) and x and isinstance(x[0], (int, float)) for x in filtered):
+        lls = [float(x[0]) for x in filtered]
+        return lls.index(max(lls))
+    return None
 
 
 def by_difficulty(records: list[dict], metric: str) -> dict[str, dict[str, float]]:

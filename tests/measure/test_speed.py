@@ -167,3 +167,36 @@ def test_smollm2_decode_is_below_the_bandwidth_bound(cache_dir, data_dir):
     assert 0 < r["decode_fraction_of_bound"] < 1, r
     pb = r["per_batch"]["1"]
     assert pb["prefill_tok_s"]["max"] > pb["decode_tok_s"]["max"]
+
+
+class _ClockEngine:
+    """An engine whose time is a known function of the request: prefill 1 ms per prompt token per request, decode
+    10 ms per step for the whole batch (+1 ms per extra request), so every figure has an exact expected value."""
+
+    vocab, device, loop = 100, "cpu", "a clock"
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, output_len):
+        self.calls.append((len(prompts), output_len, {tuple(p) for p in prompts}))
+        b, L = len(prompts), len(prompts[0])
+        return 1e-3 * b * L + (output_len - 1) * (0.010 + 0.001 * (b - 1))
+
+
+def test_engine_benchmark_derives_ttft_tpot_and_throughput_from_whole_requests():
+    eng = _ClockEngine()
+    r = speed.benchmark_engine(eng, batch_sizes=(1, 4), prompt_len=16, output_len=9, warmup=1, repeats=2, seed=0,
+                               note="an engine", weight_bytes=10**6, dtype="bfloat16", measure_bw=False)
+    one, four = r["per_batch"]["1"], r["per_batch"]["4"]
+    assert one["ttft_ms"]["median"] == pytest.approx(16.0)
+    assert one["tpot_ms"]["median"] == pytest.approx(10.0) and four["tpot_ms"]["median"] == pytest.approx(13.0)
+    assert four["decode_tok_s"]["median"] == pytest.approx(4 / 0.013)
+    assert four["prefill_tok_s"]["median"] == pytest.approx(4 * 16 / 0.064)
+    t = r["throughput"]
+    assert t["requests"] == 16 and t["output_tok_s"] == pytest.approx(16 * 9 / t["elapsed_s"])
+    # per batch size: (1 + 1) warm-up calls + 2 x (ttft, full) timed ones; then the throughput point
+    assert len(eng.calls) == 2 * (2 + 4) + 1
+    prompts = [p for _, _, ps in eng.calls for p in ps]
+    assert len(prompts) == len(set(prompts))  # fresh prompts every call: no prefix-cache hit
+    assert r["backend"] == "an engine" and r["weight_bytes"] == 10**6 and r["decode_bound_tok_s"] is None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qllm.methods import Scheme
 from qllm.errors import QllmConfigError
 from qllm.planning import compose_cell
 from qllm.stages import backends
@@ -15,7 +16,7 @@ from qllm.stages.backends import EvalBackend, EvalBackendConfig
 
 
 def test_every_backend_implements_the_protocol_with_a_typed_config():
-    assert backends.names() == ["hf"]
+    assert backends.names() == ["hf", "vllm"]
     for name in backends.names():
         b = backends.get(name)
         assert isinstance(b, EvalBackend) and b.name == name and b.speed_kind in ("dense", "low-bit kernels")
@@ -38,10 +39,10 @@ def test_hf_settings_are_exactly_the_ones_cell_keys_were_made_of():
 def test_hf_devices(device, ok):
     hf = backends.get("hf")
     if ok:
-        hf.validate({"device": device}, {})
+        hf.validate({"device": device}, {}, Scheme(), lambda: None)
     else:
         with pytest.raises(QllmConfigError, match="valid: auto, cpu, cuda, cuda:<index>, mps"):
-            hf.validate({"device": device}, {})
+            hf.validate({"device": device}, {}, Scheme(), lambda: None)
 
 
 def _gpus() -> int:
@@ -58,12 +59,12 @@ def test_a_gpu_that_is_not_there_is_refused_at_planning():
     """eval.device=cuda without a GPU used to fail in the evaluate stage, after the quantization."""
     hf, n = backends.get("hf"), _gpus()
     with pytest.raises(QllmConfigError, match=f"eval.device='cuda:{n}', but"):
-        hf.validate({"device": f"cuda:{n}"}, {})
+        hf.validate({"device": f"cuda:{n}"}, {}, Scheme(), lambda: None)
     if n == 0:
         with pytest.raises(QllmConfigError, match="no NVIDIA GPU is visible here .*valid here: auto, cpu"):
-            hf.validate({"device": "cuda"}, {})
+            hf.validate({"device": "cuda"}, {}, Scheme(), lambda: None)
     else:
-        hf.validate({"device": "cuda"}, {})
+        hf.validate({"device": "cuda"}, {}, Scheme(), lambda: None)
 
 
 def test_hf_backend_loads_fingerprints_and_times_the_model(data_dir, cache_dir):

@@ -48,7 +48,7 @@ def test_perplexity_has_no_score_and_filters_are_kept():
 
 def test_per_sample_records_and_difficulty_buckets():
     records = results.per_sample_records(group_result(), lambda doc: "hard" if doc["steps"] >= 2 else "easy")
-    assert len(records) == 8 and records[0] == {"task": "g_a", "doc_id": 0, "filter": "none", "acc": 0.0,
+    assert len(records) == 8 and records[0] == {"task": "g_a", "doc_id": 0, "filter": "none", "acc": 0.0, "pred": None,
                                                 "difficulty": "easy"}
     buckets = results.by_difficulty(records, "acc")
     # easy: g_a docs 0,1 (0,1) + g_b docs 0,1 (1,1) -> 0.75; hard: g_a docs 2,3 (0,1) + g_b (1,1) -> 0.75
@@ -66,3 +66,12 @@ def test_suite_macro_average_and_mlflow_names():
     assert m["mmlu/acc"] == 0.5 and m["mmlu/acc_stderr"] == 0.1 and m["mmlu/score"] == 50.0
     assert m["mmlu/g_a/acc"] == 0.25 and m["mmlu/difficulty/easy/acc"] == 0.75 and m["suite/score_macro"] == 50.0
     assert m["mmlu/n_samples"] == 8
+
+
+def test_prediction_is_the_chosen_option_or_the_extracted_answer():
+    from qllm.tasks.results import prediction
+
+    assert prediction([[-3.0, False], [-1.5, True], [-2.0, False]]) == 1  # multiple choice: highest log-likelihood
+    assert prediction([(-1.0, False), (-4.0, False)]) == 0
+    assert prediction(["72"]) == "72" and prediction("[invalid]") == "[invalid]"  # generation, after its filter
+    assert prediction([-12.5]) is None and prediction(None) is None  # perplexity: no answer to compare

@@ -10,9 +10,11 @@ A backend is one module here plus one YAML in conf/eval/ (`eval=<name>`):
 The module is found by name (`qllm.stages.backends.<name>`) and its config registered with Hydra's ConfigStore as
 `eval/<name>_schema` when qllm's schema is registered, so nothing else changes to add one.
 
-Both sides use a backend: planning (orchestrator, no torch) calls `validate` and reads `libraries`/`speed_kind`;
-the evaluate stage calls `load`, `fingerprint`, `weights_in_memory` and `benchmark`. A backend module therefore
-imports torch and its engine only inside those methods.
+Both sides use a backend: planning (orchestrator, no torch) calls `validate` (which schemes run where: a cell the
+backend cannot run is refused there) and `versions`; the runner starts the evaluate stage under the backend's
+`python()` (a backend with its own environment, such as vLLM's) with `env()` added; the evaluate stage calls `load`,
+`fingerprint`, `weights_in_memory` and `benchmark`. A backend module therefore imports torch and its engine only
+inside those methods.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Optional, Protocol, runtime_checkable
 
 from omegaconf import MISSING
 
 from ... import plugins
+from ...methods import Scheme
 
 
 @dataclass
@@ -53,8 +56,20 @@ class EvalBackend(Protocol):
     # distributions whose versions change its results: they enter the cell key (only this backend's)
     libraries: ClassVar[tuple[str, ...]]
 
-    def validate(self, settings: dict, model: dict) -> None:
-        """Planning: refuse settings this backend cannot run (QllmConfigError naming the key and what is valid)."""
+    def validate(self, settings: dict, model: dict, scheme: Scheme,
+                 config: Callable[[], Optional[dict]]) -> None:
+        """Planning: refuse settings, or a checkpoint scheme, this backend cannot run (QllmConfigError naming the
+        key or the scheme, why, and what is valid). `config()` reads the model's config.json (None when it
+        cannot be read without loading weights)."""
+
+    def versions(self, settings: dict) -> dict[str, str]:
+        """Versions of `libraries` as the evaluate stage will import them (they enter the cell key)."""
+
+    def python(self, settings: dict) -> Optional[str]:
+        """The interpreter the evaluate stage runs under (None: the one running qllm)."""
+
+    def env(self, settings: dict) -> dict[str, str]:
+        """Environment variables the evaluate stage needs."""
 
     def load(self, settings: dict, model: dict, model_path: str, quantized: bool, seed: int) -> Any:
         """The lm-eval LM over the checkpoint dir (or hub id) `model_path`."""

@@ -7,9 +7,10 @@ the quantized weights, but memory and speed are those of a dense model ("dense" 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from ...errors import QllmConfigError
+from ...methods import Scheme
 from . import EvalBackendConfig
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:<index>", "mps")
@@ -52,7 +53,9 @@ class HFBackend:
     speed_tag: ClassVar[str] = "dense (hf backend decompresses weights)"
     libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers", "lm_eval", "compressed-tensors")
 
-    def validate(self, settings: dict, model: dict) -> None:
+    def validate(self, settings: dict, model: dict, scheme: Scheme,
+                 config: Callable[[], Optional[dict]]) -> None:
+        """Every scheme runs (transformers decompresses it); only the device is checked."""
         device = settings["device"]
         base, _, index = device.partition(":")
         if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
@@ -60,6 +63,17 @@ class HFBackend:
                                   f"{', '.join(DEVICES)}")
         if base == "cuda":
             _check_gpu(device, int(index or 0))
+
+    def versions(self, settings: dict) -> dict[str, str]:
+        from ...cell import versions
+
+        return versions(self.libraries)
+
+    def python(self, settings: dict) -> Optional[str]:
+        return None
+
+    def env(self, settings: dict) -> dict[str, str]:
+        return {}
 
     def device(self, settings: dict) -> str:
         import torch
