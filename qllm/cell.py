@@ -21,6 +21,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from .names import backend_label
+
 # Libraries whose version changes a quantized artifact.
 QUANT_LIBS = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 # What identifies a model's weights (a model given by a local dir adds `content`, its files' fingerprint).
@@ -38,6 +40,20 @@ def versions(names: tuple[str, ...]) -> dict[str, str]:
             out[n] = importlib.metadata.version(n)
         except importlib.metadata.PackageNotFoundError:
             out[n] = "absent"
+    return out
+
+
+def hashed_recipe(recipe: dict) -> dict:
+    """The recipe as it enters the quant key. Keys are hashed sorted, so a recipe whose modifiers do not run in
+    sorted order also hashes that order. Until qllm 0.1 (issue 11) cell.json sorted the recipe too and the stage
+    applied the modifiers alphabetically: SmoothQuant + GPTQ ran GPTQ first and smoothed the quantized weights
+    afterwards (a broken checkpoint); such recipes get new keys, so those checkpoints are never reused. Recipes whose
+    order is alphabetical anyway (AWQ then QuantizationModifier, single modifiers) keep their keys."""
+    out = dict(recipe)
+    for name, stage in recipe.items():
+        order = list((stage.get("quant_modifiers") or {}) if isinstance(stage, dict) else [])
+        if order != sorted(order):
+            out[name] = {**stage, "modifier_order": order}
     return out
 
 
@@ -81,7 +97,7 @@ class Keys:
         if model.get("content"):
             model_id["content"] = model["content"]
         quant_versions = versions(QUANT_LIBS) if bits else {}
-        quant = digest({"model": model_id, "method": method, "bits": bits, "recipe": recipe if bits else {},
+        quant = digest({"model": model_id, "method": method, "bits": bits, "recipe": hashed_recipe(recipe) if bits else {},
                         "calibration": calibration, "seed": seed if bits else None, "versions": quant_versions})
         hashed_tasks = as_hashed(tasks)
         cell = digest({"quant_key": quant, "tasks": hashed_tasks, "eval": eval_settings, "versions": eval_versions}
@@ -125,11 +141,7 @@ class Cell:
 
     @property
     def backend_label(self) -> str:
-        """"" on the hf backend (so names of earlier runs stay), " · vllm", or " · vllm as W4A8" (another scheme)."""
-        backend = self.eval.get("backend", "hf")
-        if backend == "hf":
-            return ""
-        return f" · {backend}" + (" as W4A8" if self.eval.get("cpu_int4_w4a8") else "")
+        return backend_label(self.eval.get("backend", "hf"), bool(self.eval.get("cpu_int4_w4a8")))
 
     @property
     def bits_label(self) -> str:
@@ -141,7 +153,8 @@ class Cell:
         return self.method != "none"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        # not sort_keys: a recipe's modifiers are applied in their order (the stage reads the recipe from here)
+        return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "Cell":

@@ -76,6 +76,14 @@ class Tag:
     NOTE = "mlflow.note.content"
 
 
+def backend_label(backend: str, w4a8: bool) -> str:
+    """How a cell's name and report label show its evaluation backend: nothing for hf (every name from before there
+    were other backends stays), " · vllm", or " · vllm as W4A8" (vLLM-CPU's faster mode: another scheme)."""
+    if backend == "hf":
+        return ""
+    return f" · {backend}" + (" as W4A8" if w4a8 else "")
+
+
 def metric_name(lm_eval_key: str) -> str:
     """lm-eval's result key as an MLflow metric name: "acc,none" and "acc" -> "acc";
     "exact_match,strict-match" -> "exact_match_strict-match"."""

@@ -284,23 +284,24 @@ def benchmark(model: Any, tokenizer: Any, *, batch_sizes: Iterable[int] = (1,), 
                                   output_len, warmup, repeats, seed)
     finally:
         model.train(was_training)
+    return _result(note, device, per_batch, weight_bytes(model), measure_bw, {
+        "batch_sizes": batch_sizes, "prompt_len": prompt_len, "output_len": output_len, "warmup": warmup,
+        "repeats": repeats, "seed": seed, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "prefill_logits": "last position only" if extra else "all positions",
+        "loop": "manual greedy loop with KV cache under torch.inference_mode (not generate())",
+        "timer": "time.perf_counter" + (", torch.cuda.synchronize around every timed region"
+                                         if device.type == "cuda" else "")})
+
+
+def _result(note: str, device: Any, per_batch: dict, wbytes: int, measure_bw: bool, settings: dict,
+            **extra: Any) -> dict:
+    """The benchmark's record: what it measured, where, how, and decode at batch 1 vs the bandwidth bound."""
     dev_info = device_info(device)
-    wbytes = weight_bytes(model)
     decode_bs1 = per_batch["1"]["decode_tok_s"]["median"] if "1" in per_batch else None
-    return {
-        "backend": note,
-        "device": dev_info,
-        "settings": {"batch_sizes": batch_sizes, "prompt_len": prompt_len, "output_len": output_len,
-                     "decode_steps": output_len - 1, "warmup": warmup, "repeats": repeats, "seed": seed,
-                     "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                     "prefill_logits": "last position only" if extra else "all positions",
-                     "loop": "manual greedy loop with KV cache under torch.inference_mode (not generate())",
-                     "timer": "time.perf_counter" + (", torch.cuda.synchronize around every timed region"
-                                                      if device.type == "cuda" else "")},
-        "per_batch": per_batch,
-        "weight_bytes": wbytes,
-        **_bound(device, dev_info, wbytes, decode_bs1, measure_bw),
-    }
+    return {"backend": note, "device": dev_info,
+            "settings": {**settings, "decode_steps": settings["output_len"] - 1},
+            "per_batch": per_batch, **extra, "weight_bytes": wbytes,
+            **_bound(device, dev_info, wbytes, decode_bs1, measure_bw)}
 
 
 class Engine(Protocol):
@@ -349,19 +350,8 @@ def benchmark_engine(engine: Engine, *, batch_sizes: Iterable[int] = (1,), promp
     throughput = {"requests": n, "prompt_len": prompt_len, "output_len": output_len, "elapsed_s": elapsed,
                   "requests_s": n / elapsed, "output_tok_s": n * output_len / elapsed,
                   "total_tok_s": n * (prompt_len + output_len) / elapsed}
-    device = _torch().device(engine.device)
-    dev_info = device_info(device)
-    decode_bs1 = per_batch["1"]["decode_tok_s"]["median"] if "1" in per_batch else None
-    return {
-        "backend": note,
-        "device": dev_info,
-        "settings": {"batch_sizes": batch_sizes, "prompt_len": prompt_len, "output_len": output_len,
-                     "decode_steps": steps, "warmup": warmup, "repeats": repeats, "seed": seed, "dtype": dtype,
-                     "loop": engine.loop,
-                     "timer": "time.perf_counter around whole generate calls (the engine synchronises itself)",
-                     "decode": "time(prompt + output_len tokens) - time(prompt + 1 token), same shapes"},
-        "per_batch": per_batch,
-        "throughput": throughput,
-        "weight_bytes": weight_bytes,
-        **_bound(device, dev_info, weight_bytes, decode_bs1, measure_bw),
-    }
+    return _result(note, _torch().device(engine.device), per_batch, weight_bytes, measure_bw, {
+        "batch_sizes": batch_sizes, "prompt_len": prompt_len, "output_len": output_len, "warmup": warmup,
+        "repeats": repeats, "seed": seed, "dtype": dtype, "loop": engine.loop,
+        "timer": "time.perf_counter around whole generate calls (the engine synchronises itself)",
+        "decode": "time(prompt + output_len tokens) - time(prompt + 1 token), same shapes"}, throughput=throughput)

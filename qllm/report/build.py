@@ -14,7 +14,7 @@ from ..names import Kind, Tag
 from . import plots
 from .render import Doc, fmt
 from .select import Store, apply_filters, dedupe
-from .tables import Analysis, analyze
+from .tables import Analysis, analyze, consistency_table
 
 FORMULAS = [
     "**score**: the task's 0-100 score (100 × its primary metric); tasks without one (perplexity) show the metric.",
@@ -129,6 +129,18 @@ def compose(an: Analysis, title: str, intro: list[str], figures, out: Path) -> D
                                 "perplexity task": c["perplexity_task"], "task": c["task"], "n": c["n"],
                                 "ρ": c["spearman_rho"].map(fmt),
                                 "p": c["p_value"].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3g}")}))
+    checks = consistency_table(an.evaluated)
+    if len(checks):
+        doc.h("Backend consistency (the same checkpoint through two backends)")
+        doc.p("Per item: the same option chosen (multiple choice) or the same extracted answer (generation); delta = "
+              "this cell's score − the other backend's on the same items, with a paired 95% CI; known causes of "
+              "gaps (dtype, BOS, chat template, max length, W4A8) are in each run's consistency.json.")
+        doc.table(pd.DataFrame({"model": checks["model"], "cell": checks["cell"], "task": checks["task"],
+                                "n": checks["n"].map(str), "agreement %": checks["agreement_pct"].map(fmt),
+                                "delta": checks["delta"].map(lambda v: f"{v:+.4f}"),
+                                "95% CI": [f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in zip(checks["ci_lo"],
+                                                                                   checks["ci_hi"])],
+                                "verdict": checks["verdict"], "versus": checks["versus"]}))
     doc.h("Cells")
     cells = an.cells
     doc.table(cells[["model", "cell", "suite", "status", "note", "run_name", "run_id"]] if len(cells) else cells)

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from ..names import Kind, Status, Tag, metric_name
+from ..names import Kind, Status, Tag, backend_label, metric_name
 from ..store import mlflow_store
 
 STATUS_ORDER = tuple(s.value for s in (Status.FINISHED, Status.REUSED, Status.FAILED, Status.KILLED, Status.RUNNING,
@@ -100,11 +100,7 @@ class CellRun:
 
     @property
     def backend_label(self) -> str:
-        """"" on the hf backend (every run before there were others), else " · vllm" (" · vllm as W4A8")."""
-        backend = self.params.get("eval.backend", "hf")
-        if backend == "hf":
-            return ""
-        return f" · {backend}" + (" as W4A8" if self.params.get("eval.cpu_int4_w4a8") == "True" else "")
+        return backend_label(self.params.get("eval.backend", "hf"), self.params.get("eval.cpu_int4_w4a8") == "True")
 
     @property
     def full_label(self) -> str:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from . import stats
 from .select import EVALUATED, CellRun, Store, TaskSpec
+from ..names import Tag
 
 SPEED_KEY = "speed/bs1/decode_tok_s"
 RSS_KEY = "mem/evaluate/peak_rss_gb"
@@ -109,6 +110,26 @@ class BaselineFinder:
                 if self._matches(b, model, spec):
                     return b, "experiment"
         return None, ""
+
+
+def consistency_table(cells: list[CellRun]) -> pd.DataFrame:
+    """The backend consistency checks the cells carry (qllm.report.consistency): one row per cell and task."""
+    rows = []
+    for c in cells:
+        verdict = c.tags.get(Tag.CONSISTENCY)
+        if not verdict:
+            continue
+        for key in c.tasks:
+            pre = f"consistency/{key}/"
+            if f"{pre}agreement" not in c.metrics:
+                continue
+            lo, hi = c.metrics.get(f"{pre}ci_low"), c.metrics.get(f"{pre}ci_high")
+            rows.append({"model": c.model, "cell": c.label, "task": key, "n": int(c.metrics.get(f"{pre}n_items", 0)),
+                         "agreement_pct": 100.0 * c.metrics[f"{pre}agreement"], "delta": c.metrics.get(f"{pre}delta"),
+                         "ci_lo": lo, "ci_hi": hi,
+                         "verdict": "agree within stderr" if lo is not None and lo <= 0 <= (hi or 0) else "disagree",
+                         "versus": verdict.split(" vs ", 1)[-1], "run_id": c.run_id})
+    return pd.DataFrame(rows)
 
 
 def cells_table(cells: list[CellRun]) -> pd.DataFrame:

@@ -54,3 +54,20 @@ def test_known_causes_name_what_differs():
     assert causes["dtype"]["differs"] and causes["dtype"]["b"] == "bfloat16"
     assert not causes["chat template (lm-eval #1841, #2851)"]["differs"]
     assert not causes["W4A16 run as W4A8"]["differs"]
+
+
+def test_the_report_lists_the_checks_cells_carry():
+    from qllm.report.select import CellRun
+    from qllm.report.tables import consistency_table
+
+    def cell(tags, metrics, backend):
+        return CellRun(run_id=backend, name="", status="finished", run_status="FINISHED", model="m", method="rtn",
+                       bits="4", suite="s", tasks={"arc": SPEC}, metrics=metrics,
+                       params={"eval.backend": backend}, tags=tags, start_time=0)
+
+    checked = cell({"qllm.consistency": "disagree vs hf run h"},
+                   {"consistency/arc/agreement": 0.9, "consistency/arc/delta": -0.1, "consistency/arc/ci_low": -0.15,
+                    "consistency/arc/ci_high": -0.05, "consistency/arc/n_items": 100.0}, "vllm")
+    t = consistency_table([cell({}, {}, "hf"), checked])
+    assert len(t) == 1 and t.iloc[0]["cell"] == "rtn · w4 · vllm" and t.iloc[0]["verdict"] == "disagree"
+    assert t.iloc[0]["agreement_pct"] == pytest.approx(90.0) and t.iloc[0]["versus"] == "hf run h"
