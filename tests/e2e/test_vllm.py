@@ -98,3 +98,20 @@ def test_w4a8_mode_is_another_scheme_and_agrees_less_with_hf(runs, cache_dir, da
     assert w4a8["tags.qllm.consistency"].endswith(f"vs hf run {by['hf']['run_id']}")
     assert (w4a8["metrics.consistency/arc_easy_offline/agreement"]
             <= by["vllm"]["metrics.consistency/arc_easy_offline/agreement"])
+
+
+def test_compare_backends_cli_says_the_same(runs):
+    import subprocess
+    import sys
+
+    by, _, work = runs
+    proc = subprocess.run([sys.executable, "-m", "qllm", "compare-backends", "--tracking-uri",
+                           f"sqlite:///{work}/mlruns/mlflow.db", "--run-ids", by["hf"]["run_id"],
+                           by["vllm"]["run_id"], "--no-log", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["verdict"] == "agree within stderr" and set(result["tasks"]) == {"arc_easy_offline", "gsm8k_offline"}
+    arc = result["tasks"]["arc_easy_offline"]
+    assert arc["agreement_basis"] == "answer" and arc["n_items"] == 30
+    assert arc["agreement"] == by["vllm"]["metrics.consistency/arc_easy_offline/agreement"]
+    assert {c["cause"] for c in result["known_causes"] if c["differs"]} >= {"dtype"}  # fp32 (hf) vs bf16 (vllm)

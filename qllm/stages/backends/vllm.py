@@ -202,15 +202,21 @@ def _import_lm_eval_vllm() -> Any:
 
 def probe(worker: Any) -> dict:
     """Runs inside each vLLM worker (collective_rpc): which quantization method and kernel every layer got, the
-    weights as the engine holds them, and the KV cache it allocated."""
+    weights as the engine holds them, and the KV cache it allocated.
+
+    On CPU, vLLM moves dense and int8 weights into oneDNN handles (prepacked, outside any tensor) and leaves an empty
+    parameter behind: those are counted from the layer's shape and the handle's element size (bf16/fp16/fp32 dense,
+    1 byte int8) as `handle_bytes`, apart from the bytes of the tensors it still holds."""
     from ...measure.sizes import weights_in_memory
 
     model = worker.model_runner.model
     layers: dict[str, int] = {}
+    handle_bytes = 0
     for _, m in model.named_modules():
         method = getattr(m, "quant_method", None)
         if method is None:
             continue
+        handle_bytes += _handle_bytes(m)
         scheme = getattr(m, "scheme", None)
         kernel = getattr(scheme, "kernel", None)
         parts = [type(m).__name__, type(method).__name__]
@@ -223,7 +229,24 @@ def probe(worker: Any) -> dict:
         layers[" / ".join(parts)] = layers.get(" / ".join(parts), 0) + 1
     kv = getattr(worker.model_runner, "kv_caches", None) or []
     kv_bytes = sum(t.numel() * t.element_size() for t in _tensors(kv))
-    return {"layers": layers, "weights": weights_in_memory(model), "kv_cache_bytes": int(kv_bytes)}
+    weights = weights_in_memory(model)
+    weights.update(tensor_bytes=weights["bytes"], handle_bytes=handle_bytes, bytes=weights["bytes"] + handle_bytes)
+    return {"layers": layers, "weights": weights, "kv_cache_bytes": int(kv_bytes)}
+
+
+def _handle_bytes(layer: Any) -> int:
+    """Bytes of a linear layer's weight that vLLM-CPU keeps in a oneDNN handle: a dense layer's parameter is left
+    empty (its dtype is the handle's), an int8 (W8A8) layer's weight is set to None (1 byte per element)."""
+    if not hasattr(layer, "input_size_per_partition"):
+        return 0
+    weight = getattr(layer, "weight", None)
+    if weight is not None and weight.numel() == 0:
+        size = weight.element_size()
+    elif weight is None and "Int8" in type(getattr(layer, "scheme", None)).__name__:
+        size = 1
+    else:
+        return 0
+    return int(layer.input_size_per_partition * layer.output_size_per_partition * size)
 
 
 def _tensors(x: Any):
@@ -333,6 +356,7 @@ class VLLMBackend:
         eager = settings["enforce_eager"] if settings["enforce_eager"] is not None else cpu
         rev = model["revision"] if (model["source"] == "hub" and not quantized) else None
         extra = {} if cpu else {"gpu_memory_utilization": settings["gpu_memory_utilization"]}
+        print(f"[qllm] evaluate: starting the vLLM engine ({'eager' if eager else 'compiling: minutes'}) ...", flush=True)
         t = time.perf_counter()
         lm = vllm_causallms.VLLM(
             pretrained=model_path, revision=rev, dtype=settings["dtype"],
