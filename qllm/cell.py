@@ -45,7 +45,7 @@ def versions(names: tuple[str, ...]) -> dict[str, str]:
 
 def hashed_recipe(recipe: dict) -> dict:
     """The recipe as it enters the quant key. Keys are hashed sorted, so a recipe whose modifiers do not run in
-    sorted order also hashes that order. Until qllm 0.1 (issue 11) cell.json sorted the recipe too and the stage
+    sorted order also hashes that order. Before issue 11, cell.json sorted the recipe too and the stage
     applied the modifiers alphabetically: SmoothQuant + GPTQ ran GPTQ first and smoothed the quantized weights
     afterwards (a broken checkpoint); such recipes get new keys, so those checkpoints are never reused. Recipes whose
     order is alphabetical anyway (AWQ then QuantizationModifier, single modifiers) keep their keys."""
@@ -97,8 +97,9 @@ class Keys:
         if model.get("content"):
             model_id["content"] = model["content"]
         quant_versions = versions(QUANT_LIBS) if bits else {}
-        quant = digest({"model": model_id, "method": method, "bits": bits, "recipe": hashed_recipe(recipe) if bits else {},
-                        "calibration": calibration, "seed": seed if bits else None, "versions": quant_versions})
+        quant = digest({"model": model_id, "method": method, "bits": bits,
+                        "recipe": hashed_recipe(recipe) if bits else {}, "calibration": calibration,
+                        "seed": seed if bits else None, "versions": quant_versions})
         hashed_tasks = as_hashed(tasks)
         cell = digest({"quant_key": quant, "tasks": hashed_tasks, "eval": eval_settings, "versions": eval_versions}
                       | ({"speed": speed} if speed else {}))

@@ -129,7 +129,8 @@ def twin_runs(store: Store, quant_key: str, backend: str) -> list[str]:
             if r.data.params.get("eval.backend", "hf") != backend]
 
 
-def check_against_twins(tracking_uri: str, experiment: str, run_id: str, quant_key: str, backend: str) -> Optional[dict]:
+def check_against_twins(tracking_uri: str, experiment: str, run_id: str, quant_key: str,
+                        backend: str) -> Optional[dict]:
     """The automatic check after a cell: compare it with the latest finished run of another backend."""
     store = Store(tracking_uri, experiment)
     try:

@@ -356,7 +356,8 @@ class VLLMBackend:
         eager = settings["enforce_eager"] if settings["enforce_eager"] is not None else cpu
         rev = model["revision"] if (model["source"] == "hub" and not quantized) else None
         extra = {} if cpu else {"gpu_memory_utilization": settings["gpu_memory_utilization"]}
-        print(f"[qllm] evaluate: starting the vLLM engine ({'eager' if eager else 'compiling: minutes'}) ...", flush=True)
+        mode = "eager" if eager else "compiling: minutes"
+        print(f"[qllm] evaluate: starting the vLLM engine ({mode}) ...", flush=True)
         t = time.perf_counter()
         lm = vllm_causallms.VLLM(
             pretrained=model_path, revision=rev, dtype=settings["dtype"],
