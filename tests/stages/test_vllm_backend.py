@@ -58,6 +58,7 @@ def _scheme_fields(family: str) -> tuple:
     (["method=rtn", "bits=3"], r"W3A16 sym checkpoint on cpu: vLLM-CPU's CPUWNA16 kernel takes 4-bit weights only"),
     (["method=none", "eval.device=cuda"], r"eval.device=cuda, but the vLLM environment .* is the cpu build"),
     (["method=none", "eval.dtype=float13"], r"eval.dtype='float13'; valid: bfloat16, float16, float32"),
+    (["method=gptq", "bits=4", "eval.dtype=float32"], r"int4 kernel \(cpu_gemm_wna16\) has no float32 path"),
     (["method=none", "eval.tensor_parallel_size=0"], r"eval.tensor_parallel_size must be a positive integer"),
     (["method=none", "eval.data_parallel_size=2"], r"data parallelism through ray, which the vLLM environment lacks"),
     (["method=smoothquant", "bits=8", "eval.cpu_int4_w4a8=true"], r"eval.cpu_int4_w4a8=true cannot apply"),

