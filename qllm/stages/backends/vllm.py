@@ -41,8 +41,8 @@ SUPPORT: dict[str, dict[str, tuple[bool, str]]] = {
         "W8A16 sym": (False, "vLLM-CPU has no 8-bit weight-only kernel ('uint8b128 not supported by CPUWNA16'; the "
                              "engine fails at start)"),
         "W8A16 asym": (False, "vLLM-CPU has no 8-bit weight-only kernel"),
-        "W2A16 sym": (False, "vLLM-CPU's CPUWNA16 kernel takes 4-bit weights only"),
-        "W3A16 sym": (False, "vLLM-CPU's CPUWNA16 kernel takes 4-bit weights only"),
+        **{f"W{b}A16 {s}": (False, "vLLM-CPU's CPUWNA16 kernel takes 4-bit weights only")
+           for b in (2, 3) for s in ("sym", "asym")},
         "W8A8 int8": (True, "int8 weights and dynamic per-token int8 activations (oneDNN int8 GEMM)"),
         "W8A8 fp8": (False, "vLLM-CPU runs FP8 through a plain-torch fallback on CPUs without AMX-FP8 (measured: "
                             "~4 minutes for 4 tokens of a 135M model): unusable"),
