@@ -24,7 +24,7 @@ from .store.cache import (KINDS, LEFTOVER_MARKS, default_cache_dir, is_locked, l
 
 @dataclass
 class Entry:
-    kind: str  # quantized | models | evals | speed
+    kind: str  # quantized | models | evals | speed | judgments
     path: Path
     bytes: int
     status: str  # ok | incomplete | leftover | corrupt (verify) | in use (being written now)
@@ -36,6 +36,8 @@ class Entry:
         i = self.info
         if self.kind == "quantized" and i:
             return f"{i['model']['name']} {i['method']} w{i['bits']} ({i['scheme']})"
+        if self.kind == "judgments" and i:
+            return f"{i['verdicts']} verdicts of one judge"
         if self.kind == "evals" and i:
             return f"{i.get('task', '?')} on {i.get('cell', '?')}"
         if self.kind == "speed" and i:
@@ -63,6 +65,9 @@ def _read(kind: str, p: Path) -> dict:
         return read_manifest(p) or {}
     if kind in ("evals", "speed"):
         return load_eval(p, need_samples=False) or {}
+    if kind == "judgments":  # one judge's verdicts, each its own whole file
+        n = sum(1 for _ in p.glob("*/*.json"))
+        return {"verdicts": n} if n else {}
     return {"model": p.name.rsplit("-", 1)[0]} if (p / "config.json").is_file() else {}
 
 

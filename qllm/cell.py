@@ -6,7 +6,8 @@ else, and must not change when qllm's code is reorganised (tests/test_cell_keys.
 reorganisation of issue 10):
 
     quant_key = H(model identity, method, effective bits, recipe, calibration, seed, quantization library versions)
-    key       = H(quant_key, tasks, evaluation settings, evaluation library versions [, speed settings])
+    key       = H(quant_key, tasks, evaluation settings, evaluation library versions [, speed settings]
+                  [, the judge's identity: cells with a dialogue task only])
     task key  = H(quant_key, that task, evaluation settings but log_samples, evaluation library versions)
     speed key = H(quant_key, speed settings, evaluation settings, evaluation library versions)
 
@@ -15,6 +16,7 @@ The evaluation library versions are those of the cell's backend only (EvalBacken
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -31,6 +33,12 @@ MODEL_IDENTITY = ("name", "source", "path", "revision", "file", "sha256", "dtype
 # modules moved since (issue 10: qllm.twins -> qllm.tasks.twins, the WikiText functions of qllm.tasks ->
 # qllm.tasks.wikitext) keep every key. (current prefix, prefix as hashed)
 HASHED_AS = (("py:qllm.tasks.twins.", "py:qllm.twins."), ("py:qllm.tasks.wikitext.", "py:qllm.tasks."))
+# Task-entry fields added after keys were first defined (issue 12: tasks lm-eval does not run), with their defaults:
+# hashed only when set, so every earlier task keeps its key.
+ADDED_FIELDS = {"runner": None, "settings": {}}
+# What makes a judge's verdicts differ (JudgeConfig): in the cell key of dialogue cells and in judgment keys.
+JUDGE_IDENTITY = ("kind", "base_url", "model", "temperature", "max_tokens", "server", "server_version", "dtype",
+                  "pairwise")
 
 
 def versions(names: tuple[str, ...]) -> dict[str, str]:
@@ -75,6 +83,27 @@ def as_hashed(obj: Any) -> Any:
     return obj
 
 
+def hashed_entry(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+
+
+def has_dialogue(tasks: dict) -> bool:
+    return any(e.get("type") == "dialogue" for e in tasks.values())
+
+
+def judge_identity(judge: Optional[dict]) -> Optional[dict]:
+    """The judge settings that change verdicts (None: no judge). A remote judge's model is its served name, a local
+    one's its dir's `content` fingerprint as well (qllm.planning adds it)."""
+    if not judge or judge.get("kind") == "none":
+        return None
+    ident = {k: judge.get(k) for k in JUDGE_IDENTITY}
+    if judge.get("kind") == "remote":
+        ident = {k: v for k, v in ident.items() if k not in ("server", "server_version", "dtype")}
+    if judge.get("content"):
+        ident["content"] = judge["content"]
+    return ident
+
+
 def speed_settings(profile: dict) -> Optional[dict]:
     """The speed benchmark's settings when it runs (they enter the keys), else None."""
     return {k: v for k, v in profile.items() if k.startswith("speed_")} if profile["speed"] else None
@@ -92,7 +121,7 @@ class Keys:
     @classmethod
     def of(cls, *, model: dict, method: str, bits: Optional[int], recipe: dict, calibration: Optional[dict],
            seed: int, tasks: dict, eval_settings: dict, eval_versions: dict[str, str],
-           speed: Optional[dict]) -> "Keys":
+           speed: Optional[dict], judge: Optional[dict] = None) -> "Keys":
         model_id = {k: model.get(k) for k in MODEL_IDENTITY}
         if model.get("content"):
             model_id["content"] = model["content"]
@@ -100,9 +129,10 @@ class Keys:
         quant = digest({"model": model_id, "method": method, "bits": bits,
                         "recipe": hashed_recipe(recipe) if bits else {}, "calibration": calibration,
                         "seed": seed if bits else None, "versions": quant_versions})
-        hashed_tasks = as_hashed(tasks)
+        hashed_tasks = as_hashed({k: hashed_entry(e) for k, e in tasks.items()})
+        judged = judge_identity(judge) if has_dialogue(tasks) else None
         cell = digest({"quant_key": quant, "tasks": hashed_tasks, "eval": eval_settings, "versions": eval_versions}
-                      | ({"speed": speed} if speed else {}))
+                      | ({"speed": speed} if speed else {}) | ({"judge": judged} if judged else {}))
         results = {k: v for k, v in eval_settings.items() if k != "log_samples"}  # what to keep, not what is computed
         task_keys = {t: digest({"quant_key": quant, "task": e, "eval": results, "versions": eval_versions})
                      for t, e in hashed_tasks.items()}
@@ -134,6 +164,7 @@ class Cell:
     task_keys: dict
     profile: dict  # what to measure besides accuracy (memory, sizes, speed)
     speed_key: Optional[str]  # the speed benchmark's cache key (None: speed not measured)
+    judge: Optional[dict] = None  # the judge of its dialogue tasks (None: it has none)
 
     @property
     def name(self) -> str:
@@ -152,6 +183,25 @@ class Cell:
     @property
     def quantized(self) -> bool:
         return self.method != "none"
+
+    @property
+    def dialogue_tasks(self) -> list[str]:
+        """Its tasks answered by the model and graded by a judge (MT-Bench)."""
+        return [k for k, e in self.tasks.items() if e.get("type") == "dialogue"]
+
+    def baseline(self) -> "Cell":
+        """The same model's `method=none` cell for its dialogue tasks: whose answers a quantized cell's are compared
+        with (its task keys are those of a `method=none` run of the same tasks and evaluation settings)."""
+        from .stages.backends import key_settings
+
+        tasks = {k: self.tasks[k] for k in self.dialogue_tasks}
+        keys = Keys.of(model=self.model, method="none", bits=None, recipe={}, calibration=None, seed=self.seed,
+                       tasks=tasks, eval_settings=key_settings(self.eval), eval_versions=self.eval_versions,
+                       speed=None, judge=self.judge)
+        return dataclasses.replace(self, method="none", bits=None, scheme=self.model["dtype"], group_size=None,
+                                   recipe={}, calibration=None, tasks=tasks, quant_versions=keys.quant_versions,
+                                   quant_key=keys.quant, key=keys.cell, task_keys=keys.tasks,
+                                   profile={**self.profile, "speed": False}, speed_key=None)
 
     def to_json(self) -> str:
         # not sort_keys: a recipe's modifiers are applied in their order (the stage reads the recipe from here)

@@ -82,6 +82,10 @@ class TaskEntry:
     difficulty: Optional[str] = None  # a label for the whole task ("easy"), or "py:module.function" (doc -> label)
     hub_dataset: Optional[str] = None  # hub tasks: the dataset that must be reachable (checked at plan time)
     offline_twin: Optional[str] = None  # hub tasks: the task option that reads the same benchmark from data_dir
+    # a task lm-eval does not run (MT-Bench): "py:module.function" that the evaluate stage calls with the backend's
+    # LM, and its own settings (data files, temperatures). Both enter task keys only when set (qllm.cell.ADDED_FIELDS)
+    runner: Optional[str] = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class TaskConfig:
     name: str = MISSING
     limit: Optional[int] = None  # overrides every task's limit when set
     max_gen_toks: Optional[int] = None  # caps every generation task's output length when set (CPU runs)
+    max_new_tokens: Optional[int] = None  # the same cap under FastChat's name (MT-Bench answers); one of the two
     tasks: dict[str, TaskEntry] = field(default_factory=dict)
 
 
@@ -116,6 +121,36 @@ class TrackingConfig:
     artifact_root: str = MISSING
     experiment: str = "qllm"
     log_checkpoint_max_mb: float = 50.0  # larger checkpoints are logged by path + checksum only
+
+
+@dataclass
+class JudgeConfig:
+    """The LLM judge of dialogue tasks (MT-Bench), conf/judge/: any OpenAI-compatible chat endpoint (`openai`), a
+    server qllm starts for a local model (`local`), or none (answers only; `qllm judge --run-ids` later).
+    What changes verdicts (kind, endpoint, model, temperature, max_tokens, server, pairwise) enters the cell key of
+    cells with a dialogue task, and the key of every cached judgment; how requests are made does not."""
+
+    name: str = MISSING  # the preset: openai | local | none
+    kind: str = "remote"  # remote | local | none
+    base_url: Optional[str] = None  # remote: the endpoint, e.g. https://api.openai.com/v1
+    model: Optional[str] = None  # remote: the served model name; local: a model dir or hub id
+    api_key_env: Optional[str] = None  # the environment variable holding the API key (its value is never logged)
+    temperature: float = 0.0  # FastChat judges at 0
+    max_tokens: int = 2048  # FastChat's judge max_tokens
+    pairwise: bool = True  # quantized cells: also judged against the same model's method=none answers
+    concurrency: int = 8  # requests in flight
+    retries: int = 6  # per request, on connection errors, 408/409/429 and 5xx (exponential backoff with jitter)
+    backoff_s: float = 2.0  # first wait; doubles per retry (capped at 60 s)
+    timeout_s: float = 600.0  # per request
+    bootstrap_iters: int = 1000  # CIs of the win rate and of score deltas
+    seed: int = 1234  # of the bootstraps
+    # local: how the server runs
+    server: str = "auto"  # auto (vllm where the vLLM environment exists, else transformers) | vllm | transformers
+    python: Optional[str] = None  # vllm: the vLLM environment's python (null: as eval=vllm finds it)
+    dtype: str = "bfloat16"
+    max_model_len: int = 4096
+    cpu_kv_cache_gb: int = 2  # vllm on CPU: VLLM_CPU_KVCACHE_SPACE
+    startup_timeout_s: float = 900.0  # until the server answers /health
 
 
 @dataclass
@@ -157,6 +192,7 @@ class QllmConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     bits: int = 4
     seed: int = 0
     data_dir: str = MISSING

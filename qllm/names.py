@@ -68,6 +68,8 @@ class Tag:
     STAGE_LAUNCHERS = "qllm.stage_launchers"  # cell: "quantize=local,evaluate=local"
     RENDEZVOUS_PORT = "qllm.rendezvous_port"
     CONSISTENCY = "qllm.consistency"  # cell: the verdict of the same checkpoint on another backend
+    ANSWERS = "qllm.answers"  # cell: `qllm.answers.<task>` = the task key of the dialogue answers it logged
+    JUDGED = "qllm.judged"  # cell: its dialogue tasks that a judge graded ("none": answers only)
     REPORT_RUNS = "qllm.report_runs"
     REPORT_N_RUNS = "qllm.report_n_runs"
     REPORT_DIR = "qllm.report_dir"

@@ -21,6 +21,7 @@ from .cell import Cell
 from .config import CONF_DIR, STAGES
 from .errors import QllmConfigError
 from .methods import Recipe, Scheme
+from .judge import planning as judges
 from .sources import models
 from .stages import backends, launchers
 from .tasks import spec as tasks
@@ -35,7 +36,8 @@ def plan_cell(cfg: DictConfig) -> Cell:
         c = OmegaConf.to_container(cfg, resolve=True)
     except (MissingMandatoryValue, InterpolationToMissingValueError) as e:
         key = getattr(e, "full_key", "")
-        hint = " (model=hf needs model.path=<hub id or local HF dir>)" if "model.path" in str(e) else ""
+        hint = (" (model=hf needs model.path=<hub id or local HF dir>)" if "model.path" in str(e) else
+                " (judge=local needs judge.model=<model dir or hub id>)" if "judge.model" in str(e) else "")
         raise QllmConfigError(f"a required setting has no value: {str(e).splitlines()[0]}{hint}"
                               + (f" (while resolving {key})" if key else "")) from None
     assert isinstance(c, dict)
@@ -58,6 +60,7 @@ def plan_cell(cfg: DictConfig) -> Cell:
     _check_eval(ev)
     backend.validate(ev, model, recipe.quant if bits else Scheme(),
                      functools.partial(_model_config, model, data_dir, cache_dir))
+    judge = judges.plan(c["judge"], task_entries, data_dir) if cells.has_dialogue(task_entries) else None
     profile = c["profile"]
     _check_profile(profile)
     for stage in STAGES:
@@ -66,13 +69,13 @@ def plan_cell(cfg: DictConfig) -> Cell:
     keys = cells.Keys.of(model=model, method=method["name"], bits=bits,
                          recipe=recipe.as_llmcompressor() if bits else {}, calibration=calibration, seed=c["seed"],
                          tasks=task_entries, eval_settings=backends.key_settings(ev),
-                         eval_versions=backend.versions(ev), speed=cells.speed_settings(profile))
+                         eval_versions=backend.versions(ev), speed=cells.speed_settings(profile), judge=judge)
     return Cell(
         model=model, method=method["name"], bits=bits, scheme=recipe.scheme if bits else model["dtype"],
         group_size=recipe.group_size, recipe=recipe.as_llmcompressor() if bits else {}, calibration=calibration,
         tasks=task_entries, eval=ev, seed=c["seed"], data_dir=data_dir, cache_dir=cache_dir,
         quant_versions=keys.quant_versions, eval_versions=keys.eval_versions, quant_key=keys.quant,
-        key=keys.cell, task_keys=keys.tasks, profile=profile, speed_key=keys.speed,
+        key=keys.cell, task_keys=keys.tasks, profile=profile, speed_key=keys.speed, judge=judge,
     )
 
 
@@ -193,8 +196,13 @@ def _check_launch(stage: str, launch: dict) -> None:
 def _plan_tasks(task_cfg: dict, data_dir: str, calibration: Optional[dict]) -> dict:
     if not task_cfg.get("tasks"):
         raise QllmConfigError(f"task '{task_cfg.get('name')}' lists no tasks")
-    for cap in ("limit", "max_gen_toks"):  # suite-wide caps
+    for cap in ("limit", "max_gen_toks", "max_new_tokens"):  # suite-wide caps
         _at_least(f"task.{cap}", task_cfg.get(cap), optional=True, what=" (no cap)")
+    if task_cfg.get("max_new_tokens") is not None:  # FastChat's name for the same cap
+        if task_cfg.get("max_gen_toks") not in (None, task_cfg["max_new_tokens"]):
+            raise QllmConfigError(f"task.max_new_tokens={task_cfg['max_new_tokens']} and task.max_gen_toks="
+                                  f"{task_cfg['max_gen_toks']} are the same cap; set one of them")
+        task_cfg = {**task_cfg, "max_gen_toks": task_cfg["max_new_tokens"]}
     entries = {}
     for key, entry in task_cfg["tasks"].items():
         entry = dict(entry)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from . import config as _config
-from . import console
+from . import console, judging
 from .cell import Cell
 from .errors import QllmConfigError
 from .measure import cost_metrics, sizes
@@ -131,6 +131,7 @@ def _stages(cfg: DictConfig, cell: Cell, workdir: Path, port: int) -> Outcome:
     """Quantize (unless the baseline) and evaluate, logging each stage's results as they come."""
     launch = OmegaConf.to_container(cfg.launch, resolve=True)
     assert isinstance(launch, dict)
+    judging.check_at_start(cell)  # an unreachable judge fails the cell before answers are made
     quant = None
     if cell.quantized:
         mlflow.log_text(yaml.safe_dump(cell.recipe, sort_keys=False), "recipe.yaml")
@@ -139,6 +140,12 @@ def _stages(cfg: DictConfig, cell: Cell, workdir: Path, port: int) -> Outcome:
     results = runner.evaluate(cell, workdir, launch["evaluate"], port, quant.checkpoint if quant else None,
                               cfg.force)
     _log_evaluate(results, backends.get(cell.eval["backend"]))
+    if cell.dialogue_tasks:
+        mlflow.set_tags(judging.answers_tags(cell))
+    if judging.active(cell):
+        verdicts = judging.judge_tasks(cell, results, workdir, launch["evaluate"], port,
+                                       mlflow.active_run().info.experiment_id)
+        judging.log(results, verdicts, workdir / "judge")
     costs = _log_costs(cell, quant, results, workdir)
     _log_stage_logs(workdir)
     return Outcome(quant, results, costs)
@@ -227,7 +234,8 @@ def _execute(cfg: DictConfig, cell: Cell, job: Job, name: str) -> None:
     tags = {**job.tags, Tag.RENDEZVOUS_PORT: str(port),
             Tag.STAGE_LAUNCHERS: ",".join(f"{s}={cfg.launch[s].name}" for s in _config.STAGES)}
     with mlflow.start_run(run_name=name, parent_run_id=job.parent, tags=tags, log_system_metrics=system_metrics) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in tracking.cell_params(cell, cfg.task.name).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in
+                           (tracking.cell_params(cell, cfg.task.name) | judging.params(cell)).items()})
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text(cell.to_json(), "cell.json")
         try:

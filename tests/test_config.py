@@ -57,7 +57,7 @@ def test_unknown_backend_or_launcher_lists_the_valid_ones():
 def test_default_choices_are_read_from_config_yaml():
     assert config._default_choices() == {"model": "smollm2-135m-instruct", "method": "gptq", "task": "quick",
                                               "calibration": "wikitext2", "eval": "hf", "tracking": "local",
-                                              "launch.quantize": "local", "launch.evaluate": "local"}
+                                              "judge": "openai", "launch.quantize": "local", "launch.evaluate": "local"}
 
 
 def test_model_name_from_a_path():

@@ -115,9 +115,9 @@ def test_paper13_suite_has_the_papers_benchmarks_and_shots():
     shots = {k: e.num_fewshot for k, e in tasks_of("paper13").items()}
     assert shots == {"arc_challenge": 25, "hellaswag": 10, "winogrande": 5, "truthfulqa_mc2": 0, "gsm8k": 5,
                      "leaderboard_math_hard": 4, "mmlu": 5, "leaderboard_mmlu_pro": 5, "leaderboard_bbh": 3,
-                     "leaderboard_gpqa": 0, "leaderboard_musr": 0, "leaderboard_ifeval": 0}
+                     "leaderboard_gpqa": 0, "leaderboard_musr": 0, "leaderboard_ifeval": 0, "mt_bench": 0}
     types = {e.type for e in tasks_of("paper13").values()}
-    assert types == {"commonsense", "hallucination", "math", "knowledge", "instruction_following"}
+    assert types == {"commonsense", "hallucination", "math", "knowledge", "instruction_following", "dialogue"}
 
 
 def test_suites_and_twins_are_consistent():

@@ -37,7 +37,7 @@ def resolve(model: dict) -> dict:
     model = dict(model)
     local = Path(model["path"]).expanduser()
     if local.is_dir():
-        model.update(source="local", path=str(local.resolve()), content=_fingerprint(local.resolve()))
+        model.update(source="local", path=str(local.resolve()), content=dir_fingerprint(local.resolve()))
     else:
         if model["path"].startswith((".", "/", "~")) or model["path"].count("/") > 1:
             raise QllmConfigError(f"model.path={model['path']!r}: no such directory, and not a hub id "
@@ -57,7 +57,7 @@ def _config_dtype(model: dict) -> str:
     return dtype if dtype in LOADABLE_DTYPES else AUTO_DTYPE_FALLBACK
 
 
-def _fingerprint(path: Path) -> str:
+def dir_fingerprint(path: Path) -> str:
     """A cheap identity of a local model dir's contents (no pass over the weights' bytes)."""
     h = hashlib.sha256()
     for name in FINGERPRINTED:

@@ -26,6 +26,11 @@ from . import backends, process
 from .backends import EvalBackend
 
 
+# files a finished task keeps in its cache entry (as <name>_<task>.jsonl in the stage's output): per-sample
+# correctness, lm-eval's full samples (log_samples), a dialogue task's answers
+CACHED_FILES = ("per_sample.jsonl", "samples.jsonl", "answers.jsonl")
+
+
 class _Weights:
     """What the evaluated weights were (taken once, from the first task or the benchmark, or from the cache)."""
 
@@ -94,7 +99,7 @@ def _reuse_tasks(cell: Cell, hits: dict[str, CachedEval], weights: _Weights, out
         assert hit.summary is not None
         hit.summary.reused = True
         per_task[key] = hit.summary
-        for name in ("per_sample.jsonl", "samples.jsonl"):
+        for name in CACHED_FILES:
             if (entry / name).is_file() and (name != "samples.jsonl" or cell.eval["log_samples"]):
                 shutil.copyfile(entry / name, out_dir / f"{name[:-6]}_{key}.jsonl")
     return per_task
@@ -110,9 +115,10 @@ def _run_tasks(cell: Cell, backend: EvalBackend, lm: Any, todo: list[str], out_d
         per_task[key] = _evaluate_task(cell, backend, lm, key, out_dir)
         if key == todo[0]:
             weights.measure(backend, lm, cell.group_size)
-        files = {"per_sample.jsonl": out_dir / f"per_sample_{key}.jsonl"}
-        if cell.eval["log_samples"]:
-            files["samples.jsonl"] = out_dir / f"samples_{key}.jsonl"
+        files = {name: out_dir / f"{name[:-6]}_{key}.jsonl" for name in CACHED_FILES
+                 if (out_dir / f"{name[:-6]}_{key}.jsonl").is_file()}
+        if not cell.eval["log_samples"]:
+            files.pop("samples.jsonl", None)
         _save(cell, cache.eval_dir(cell, key), weights, files, summary=per_task[key], task=key)
     return per_task
 
@@ -134,6 +140,10 @@ def _evaluate_task(cell: Cell, backend: EvalBackend, lm: Any, key: str, out_dir:
     from ..tasks import spec
 
     ev, entry = cell.eval, cell.tasks[key]
+    if entry.get("runner"):  # a task lm-eval does not run (MT-Bench): its own function, through the same LM
+        print(f"[qllm] evaluate: {key} (limit {entry['limit']}) ...", flush=True)
+        return spec.runner_of(entry)(lm, entry, data_dir=cell.data_dir, seed=ev["seed"], model_id=cell.name,
+                                     out_dir=out_dir, key=key)
     print(f"[qllm] evaluate: {key} ({entry['num_fewshot']}-shot, limit {entry['limit']}) ...", flush=True)
     t = time.perf_counter()
     task, top = spec.lm_eval_spec(entry, backend.tokenizer(lm))

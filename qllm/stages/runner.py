@@ -1,4 +1,4 @@
-"""Running one stage (quantize, evaluate) of a cell in its own process, under the stage's launcher.
+"""Running one stage (quantize, evaluate, judge) of a cell in its own process, under the stage's launcher.
 
 A separate process per stage gives each stage its own peak memory, frees (GPU) memory between the cells of a
 sequential sweep, and lets a stage run under a distributed launcher. What every launcher gets from here:
@@ -175,3 +175,13 @@ def evaluate(cell: Cell, workdir: Path, launch: dict, port: int, model_path: Opt
     result = EvalResult.from_dict(json.loads((out / "results.json").read_text()))
     result.out_dir, result.stage_wall_s = str(out), wall
     return result
+
+
+def judge(cell: Cell, workdir: Path, launch: dict, port: int, task: str, answers: Path,
+          baseline: Optional[Path]) -> dict:
+    """The judge stage for one dialogue task; its numbers (`judge_<task>.json`)."""
+    out = workdir / "judge"
+    args = ["--task", task, "--answers", str(answers), "--out", str(out)]
+    args += ["--baseline", str(baseline)] if baseline else []
+    run_stage("judge", cell, workdir, launch, args, port)
+    return json.loads((out / f"judge_{task}.json").read_text())

@@ -4,6 +4,7 @@
     quantized/<cell>-<quant_key>/       quantized checkpoints + qllm_manifest.json (sizes and sha256 of every file)
     evals/<cell>-<task>-<task_key>/     one finished task evaluation (summary + per-sample records)
     speed/<cell>-<speed_key>/           one finished speed benchmark
+    judgments/<judge_key>/              a judge's verdicts, one file per question asked (qllm.judge.grading)
 
 (`<cell>` is `<model>-<method>-<w{bits} or the baseline's dtype>`.) Entry names are a contract with users' caches:
 a key names exactly one result. Every entry is written into a temp dir beside its final place and renamed into place
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "qllm_manifest.json"
 EVAL_RESULT = "result.json"
-KINDS = ("quantized", "models", "evals", "speed")
+KINDS = ("quantized", "models", "evals", "speed", "judgments")
 LEFTOVER_MARKS = (".tmp-", ".old-", ".corrupt-")  # hidden dirs of killed writes, replaced or quarantined entries
 # full: sha256 of every file before reuse (default; ~1 GB/s); size: sizes only, for checkpoints of hundreds of GB
 VERIFY_ENV = "QLLM_CACHE_VERIFY"
@@ -60,6 +61,11 @@ def speed_dirs(cell: Cell) -> list[Path]:
     name = f"{cell.model['name']}-{cell.method}-{cell.bits_label}"
     return [Path(cell.cache_dir) / "speed" / f"{name}-{cell.speed_key}",
             Path(cell.cache_dir) / "evals" / f"{name}-speed-{cell.speed_key}"]
+
+
+def judgments_dir(cache_dir: str, judge_key: str) -> Path:
+    """Every verdict of one judge (its identity: qllm.stages.judge.judge_key), each file named by what was asked."""
+    return Path(cache_dir) / "judgments" / judge_key
 
 
 def lock_path(entry: Path) -> Path:

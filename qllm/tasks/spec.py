@@ -25,6 +25,14 @@ def check_entry(key: str, entry: dict, data_dir: str) -> None:
     if entry["type"] not in TASK_TYPES:
         raise QllmConfigError(f"task '{key}': unknown type '{entry['type']}'; valid: {', '.join(TASK_TYPES)}")
     check_data_files(f"task '{key}'", entry.get("data_files", []), data_dir)
+    if entry.get("runner"):
+        try:
+            _import(entry["runner"])
+        except (ImportError, AttributeError) as e:
+            raise QllmConfigError(f"task '{key}': runner {entry['runner']!r} cannot be imported ({e})") from None
+    elif entry["type"] == "dialogue":
+        raise QllmConfigError(f"task '{key}': a dialogue task needs a runner (\"py:module.function\"), as "
+                              "conf/task/mt_bench.yaml has")
     if entry.get("lm_eval_builder"):  # families (MMLU's 57 subjects) check their own files when built
         lm_eval_config(entry)
     if entry.get("hub_dataset"):
@@ -71,6 +79,11 @@ def _resolve_function(ref: str, bindings: dict[str, Any]) -> Callable:
     params = inspect.signature(fn).parameters
     bound = {k: v for k, v in bindings.items() if k in params}
     return functools.partial(fn, **bound) if bound else fn
+
+
+def runner_of(entry: dict) -> Callable:
+    """The function that runs a task lm-eval does not run (`runner:`)."""
+    return _import(entry["runner"])
 
 
 def lm_eval_config(entry: dict, tokenizer: Any = None) -> dict:
