@@ -6,7 +6,8 @@ import sys
 
 COMMANDS = {"run": "compose and run cells (Hydra overrides; -m sweeps)", "cache": "ls | verify | rm | gc the cache",
             "report": "tables and plots of a set of runs, logged back to MLflow",
-            "compare-backends": "one checkpoint through two backends: per-item agreement, paired delta, verdict"}
+            "compare-backends": "one checkpoint through two backends: per-item agreement, paired delta, verdict",
+            "judge": "judge the dialogue answers (MT-Bench) of finished runs; verdicts logged into them"}
 
 
 def main() -> None:
@@ -24,6 +25,10 @@ def main() -> None:
         from .cache import main as cache_main
 
         raise SystemExit(cache_main())
+    elif cmd == "judge":
+        from .judging import main as judge_main
+
+        raise SystemExit(judge_main())
     elif cmd == "compare-backends":
         from .report.consistency import main as compare_main
 

@@ -38,7 +38,7 @@ HASHED_AS = (("py:qllm.tasks.twins.", "py:qllm.twins."), ("py:qllm.tasks.wikitex
 ADDED_FIELDS = {"runner": None, "settings": {}}
 # What makes a judge's verdicts differ (JudgeConfig): in the cell key of dialogue cells and in judgment keys.
 JUDGE_IDENTITY = ("kind", "base_url", "model", "temperature", "max_tokens", "server", "server_version", "dtype",
-                  "pairwise")
+                  "pairwise", "constrain_verdict")
 
 
 def versions(names: tuple[str, ...]) -> dict[str, str]:
@@ -98,7 +98,8 @@ def judge_identity(judge: Optional[dict]) -> Optional[dict]:
         return None
     ident = {k: judge.get(k) for k in JUDGE_IDENTITY}
     if judge.get("kind") == "remote":
-        ident = {k: v for k, v in ident.items() if k not in ("server", "server_version", "dtype")}
+        ident = {k: v for k, v in ident.items() if k not in ("server", "server_version", "dtype",
+                                                              "constrain_verdict")}
     if judge.get("content"):
         ident["content"] = judge["content"]
     return ident

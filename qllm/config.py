@@ -151,6 +151,10 @@ class JudgeConfig:
     max_model_len: int = 4096
     cpu_kv_cache_gb: int = 2  # vllm on CPU: VLLM_CPU_KVCACHE_SPACE
     startup_timeout_s: float = 900.0  # until the server answers /health
+    # vllm only: decode each verdict under a regex (vLLM's structured outputs) so that it ends in FastChat's format
+    # ("Rating: [[n]]", "[[A]]"/"[[B]]"/"[[C]]") after at most 1000 characters of explanation. Makes a weak local
+    # judge's verdicts parseable; a deviation from FastChat's free-form judging, so off by default (and in the key)
+    constrain_verdict: bool = False
 
 
 @dataclass
@@ -200,10 +204,16 @@ class QllmConfig:
     force: bool = False  # quantize again even when the checkpoint is in the cache
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
 def rewrite_overrides(overrides: list[str]) -> list[str]:
-    """`launch.<stage>=NAME` -> `launch@launch.<stage>=NAME`; `launch=NAME` -> both stages (see the module doc)."""
-    out = []
-    for ov in overrides:
+    """`launch.<stage>=NAME` -> `launch@launch.<stage>=NAME`; `launch=NAME` -> both stages (see the module doc).
+    `-m` anywhere among the overrides (`method=none,gptq -m task=...`) is moved first, where Hydra's parser wants
+    it."""
+    flags = [ov for ov in overrides if ov in MULTIRUN_FLAGS]
+    out = flags[:1]
+    for ov in (ov for ov in overrides if ov not in MULTIRUN_FLAGS):
         key, eq, value = ov.partition("=")
         if not eq:
             out.append(ov)

@@ -22,7 +22,9 @@ def print_summary(cell: Cell, results: EvalResult, run_id: str, uri: str, quant:
         value, metric = t.primary["value"], t.primary["metric"]
         name, _, filt = primary_key(metric).partition(",")
         stderr = t.metrics.get(f"{name}_stderr,{filt}")
-        table.add_row(key, metric, f"{value:.4f}" if isinstance(value, float) else str(value),
+        shown = f"{value:.4f}" if isinstance(value, float) else (
+            "not judged" if value is None and t.lm_eval_task == "mt_bench" else str(value))
+        table.add_row(key, metric + (" (1-10)" if t.lm_eval_task == "mt_bench" else ""), shown,
                       f"{stderr:.4f}" if isinstance(stderr, float) else "n/a",
                       str(t.n_samples["effective"]), str(t.num_fewshot))
     if results.suite:

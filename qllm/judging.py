@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -119,8 +120,9 @@ def judge_tasks(cell: Cell, results: EvalResult, workdir: Path, launch: dict, po
     return out
 
 
-def log(results: EvalResult, verdicts: dict[str, dict], judge_dir: Path) -> None:
+def log(cell: Cell, results: EvalResult, verdicts: dict[str, dict], judge_dir: Path) -> None:
     """Into the active run: the judged tasks' metrics, per-sample ratings (`eval/`) and every verdict (`judge/`)."""
+    from .cell import judge_identity
     from .store import tracking
 
     mlflow.log_metrics({k: v for k, v in tracking.task_metrics(results).items()
@@ -130,15 +132,113 @@ def log(results: EvalResult, verdicts: dict[str, dict], judge_dir: Path) -> None
         for name in (f"judge_{key}.json", f"judgments_{key}.jsonl"):
             mlflow.log_artifact(str(judge_dir / name), "judge")
         single, pair = v["single"], v.get("pairwise") or {}
-        line = f"[qllm] judge: {key}: score {single.get('score', float('nan')):.2f} (1-10; {single['parse_failures']}" \
-               f" of {single['n_judgments']} verdicts unparsed)"
-        if pair:
-            line += (f"; vs baseline: win {pair.get('win', 0):.2f} / tie {pair.get('tie', 0):.2f} / loss "
-                     f"{pair.get('loss', 0):.2f}, adjusted win rate {pair.get('win_rate_adjusted', float('nan')):.2f}"
-                     f", position bias {pair.get('position_bias', float('nan')):.2f}")
+        score = f"score {single['score']:.2f} (1-10)" if "score" in single else "no rating could be parsed"
+        line = f"[qllm] judge: {key}: {score}; {single['parse_failures']} of {single['n_judgments']} verdicts unparsed"
+        if pair and pair["n_matches"]:
+            line += (f"; vs baseline: win {pair['win']:.2f} / tie {pair['tie']:.2f} / loss {pair['loss']:.2f}, "
+                     f"adjusted win rate {pair['win_rate_adjusted']:.2f}, position bias {pair['position_bias']:.2f}"
+                     f" ({pair['errors']} of {pair['n_matches'] + pair['errors']} matches unparsed)")
+        elif pair:
+            line += f"; vs baseline: all {pair['errors']} matches unparsed"
         print(line, flush=True)
-    mlflow.set_tag(Tag.JUDGED, ",".join(verdicts) or "none")
+    mlflow.set_tags({Tag.JUDGED: ",".join(verdicts) or "none",
+                     Tag.JUDGE_IDENTITY: json.dumps(judge_identity(cell.judge), sort_keys=True)})
 
 
 def read_verdicts(judge_dir: Path, key: str) -> dict:
     return json.loads((judge_dir / f"judge_{key}.json").read_text())
+
+
+# ---- `qllm judge --run-ids ...`: judging finished runs (judge=none, or answers judged by nobody yet) ----
+
+
+def _judge_run(run_id: str, judge_cfg: dict, launch: dict, data_dir: str, experiment_id: str, force: bool) -> None:
+    import dataclasses as dc
+    import tempfile
+
+    from .errors import QllmConfigError
+    from .judge import planning as judges
+    from .stages.runner import free_port
+    from .store import tracking
+
+    run = mlflow.get_run(run_id)
+    cell = Cell.from_json(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="cell.json"))
+                          .read_text())
+    if not cell.dialogue_tasks:
+        print(f"[qllm judge] {run_id} ({run.info.run_name}): no dialogue task; nothing to judge", flush=True)
+        return
+    if not Path(cell.data_dir, "mt_bench").is_dir():  # the run was made on another machine
+        cell = dc.replace(cell, data_dir=data_dir)
+    judge = judges.plan(judge_cfg, cell.tasks, cell.data_dir)
+    if judge["kind"] == "none":
+        raise QllmConfigError("qllm judge needs a judge: judge=openai (or another endpoint) or judge=local "
+                              "judge.model=<dir>")
+    judged_by = run.data.tags.get(Tag.JUDGE_IDENTITY)
+    from .cell import judge_identity
+
+    ident = json.dumps(judge_identity(judge), sort_keys=True)
+    if judged_by and judged_by != ident and not force:
+        raise QllmConfigError(f"run {run_id} was judged by another judge ({judged_by}); --force records this "
+                              "judge's verdicts over them (or run the cell again with this judge: its answers and "
+                              "verdicts are cached)")
+    cell = dc.replace(cell, judge=judge)
+    check_at_start(cell)
+    workdir = Path(tempfile.mkdtemp(prefix=f"qllm-judge-{run_id[:8]}-"))
+    results = EvalResult(tasks={k: TaskResult(lm_eval_task=k, primary={"metric": cell.tasks[k]["metric"]})
+                                for k in cell.dialogue_tasks}, out_dir=str(workdir / "eval"))
+    (workdir / "eval").mkdir()
+    for key in cell.dialogue_tasks:
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"eval/answers_{key}.jsonl",
+                                            dst_path=str(workdir))
+    print(f"[qllm judge] {run_id} ({run.info.run_name}): judging {', '.join(cell.dialogue_tasks)} with "
+          f"{judge['model']} ...", flush=True)
+    verdicts = judge_tasks(cell, results, workdir, launch, free_port(), experiment_id)
+    with mlflow.start_run(run_id=run_id):
+        log(cell, results, verdicts, workdir / "judge")
+        mlflow.log_dict({**params(cell), "judged_later": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                        "judge/judge_params.json")
+    if tracking.task_metrics(results):
+        print(f"[qllm judge] {run_id}: verdicts logged to the run", flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`qllm judge --run-ids A [B ...] [judge overrides]`: judge the dialogue answers of finished runs and log the
+    verdicts into them (a quantized run is also judged against its model's method=none answers)."""
+    import argparse
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from .errors import QllmConfigError
+    from .planning import compose_config
+    from .report.select import default_uri
+
+    p = argparse.ArgumentParser(prog="qllm judge", description=main.__doc__,
+                                epilog="overrides: the judge (and data_dir), as for qllm run: judge=openai, "
+                                       "judge=local judge.model=<dir>, judge.base_url=..., judge.model=...")
+    p.add_argument("--run-ids", nargs="+", required=True)
+    p.add_argument("--tracking-uri", default=None, help="default: the local store (mlruns/ here)")
+    p.add_argument("--experiment", default="qllm")
+    p.add_argument("--force", action="store_true", help="judge runs already judged by another judge")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    try:
+        cfg = OmegaConf.to_container(compose_config(a.overrides), resolve=True)
+    except Exception as e:  # noqa: BLE001 - Hydra's own message names the bad override
+        print(f"[qllm judge] {e}", file=sys.stderr)
+        return 2
+    assert isinstance(cfg, dict)
+    mlflow.set_tracking_uri(a.tracking_uri or default_uri())
+    experiment = mlflow.get_experiment_by_name(a.experiment)
+    if experiment is None:
+        print(f"[qllm judge] no experiment {a.experiment!r} in {mlflow.get_tracking_uri()}", file=sys.stderr)
+        return 2
+    failed = 0
+    for run_id in a.run_ids:
+        try:
+            _judge_run(run_id, cfg["judge"], cfg["launch"]["evaluate"], cfg["data_dir"], experiment.experiment_id,
+                       a.force)
+        except (QllmConfigError, client.JudgeError) as e:
+            print(f"[qllm judge] {run_id}: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0

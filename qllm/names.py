@@ -70,6 +70,7 @@ class Tag:
     CONSISTENCY = "qllm.consistency"  # cell: the verdict of the same checkpoint on another backend
     ANSWERS = "qllm.answers"  # cell: `qllm.answers.<task>` = the task key of the dialogue answers it logged
     JUDGED = "qllm.judged"  # cell: its dialogue tasks that a judge graded ("none": answers only)
+    JUDGE_IDENTITY = "qllm.judge_identity"  # cell: JSON of the judge whose verdicts it holds
     REPORT_RUNS = "qllm.report_runs"
     REPORT_N_RUNS = "qllm.report_n_runs"
     REPORT_DIR = "qllm.report_dir"

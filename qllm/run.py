@@ -145,7 +145,7 @@ def _stages(cfg: DictConfig, cell: Cell, workdir: Path, port: int) -> Outcome:
     if judging.active(cell):
         verdicts = judging.judge_tasks(cell, results, workdir, launch["evaluate"], port,
                                        mlflow.active_run().info.experiment_id)
-        judging.log(results, verdicts, workdir / "judge")
+        judging.log(cell, results, verdicts, workdir / "judge")
     costs = _log_costs(cell, quant, results, workdir)
     _log_stage_logs(workdir)
     return Outcome(quant, results, costs)

@@ -68,11 +68,12 @@ class Client:
                    max_tokens=judge["max_tokens"], retries=judge["retries"], backoff_s=judge["backoff_s"],
                    timeout_s=judge["timeout_s"])
 
-    def chat(self, messages: list[dict], http: Optional[httpx.Client] = None) -> str:
-        """The judge's reply to one chat (FastChat: n=1, temperature 0, max_tokens 2048)."""
+    def chat(self, messages: list[dict], extra: Optional[dict] = None, http: Optional[httpx.Client] = None) -> str:
+        """The judge's reply to one chat (FastChat: n=1, temperature 0, max_tokens 2048); `extra` adds to the
+        request body (vLLM's structured_outputs)."""
         url = self.base_url.rstrip("/") + "/chat/completions"
         body = {"model": self.model, "messages": messages, "n": 1, "temperature": self.temperature,
-                "max_tokens": self.max_tokens}
+                "max_tokens": self.max_tokens, **(extra or {})}
         own = http is None
         http = http or httpx.Client(timeout=self.timeout_s)
         try:

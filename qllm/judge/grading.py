@@ -25,6 +25,8 @@ from ..cell import digest
 from ..tasks import mt_bench
 
 EVALUATED, BASELINE = "model_1", "model_2"  # FastChat's names in pairwise results
+# judge.constrain_verdict: what a verdict must look like (vLLM structured outputs), after <= 1000 characters
+VERDICT_REGEX = {"single": r"[^\[\]]{0,1000}Rating: \[\[(10|[1-9])\]\]", "pair": r"[^\[\]]{0,1000}\[\[[ABC]\]\]"}
 
 
 @dataclass
@@ -106,7 +108,12 @@ def _save(store: Path, key: str, record: dict) -> None:
     os.replace(tmp, f)
 
 
-def run(js: list[Judgment], ask: Callable[[list[dict]], str], store: Path, judge_key: str, concurrency: int,
+def constraint(j: Judgment, constrain: bool) -> Optional[dict]:
+    """The request's structured-output constraint (judge.constrain_verdict), or None."""
+    return {"structured_outputs": {"regex": VERDICT_REGEX[j.kind]}} if constrain else None
+
+
+def run(js: list[Judgment], ask: Callable[[Judgment], str], store: Path, judge_key: str, concurrency: int,
         progress_every_s: float = 10.0) -> dict[int, dict]:
     """Ask the judge for every judgment in `js` (at most `concurrency` in flight), saving each verdict as it comes.
     The first failure (past the client's retries) stops the rest: what finished is kept."""
@@ -117,7 +124,7 @@ def run(js: list[Judgment], ask: Callable[[list[dict]], str], store: Path, judge
     def one(i: int) -> None:
         nonlocal last
         j = js[i]
-        record = verdict(j, ask(j.messages))
+        record = verdict(j, ask(j))
         _save(store, j.key(judge_key), record)
         with lock:
             done[i] = record

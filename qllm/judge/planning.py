@@ -44,9 +44,12 @@ def plan(judge: dict, tasks: dict, data_dir: str) -> dict:
     if not judge.get("model"):
         raise QllmConfigError(f"judge.model is not set (judge={judge['name']}): the judge model's "
                               + ("served name" if kind == "remote" else "dir or hub id"))
-    if kind == "remote":
-        return _plan_remote(judge)
-    return _plan_local(judge)
+    judge = _plan_remote(judge) if kind == "remote" else _plan_local(judge)
+    if judge.get("constrain_verdict") and not (kind == "local" and judge["server"] == "vllm"):
+        raise QllmConfigError("judge.constrain_verdict=true needs a local vLLM server (judge=local judge.server="
+                              f"vllm, with the vLLM environment); this judge is {kind}"
+                              + (f" with server={judge['server']}" if kind == "local" else ""))
+    return judge
 
 
 def _plan_remote(judge: dict) -> dict:

@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 import pandas as pd
 
 from ..names import Kind, Tag
-from . import plots
+from . import mt_bench, plots
 from .render import Doc, fmt
 from .select import Store, apply_filters, dedupe
 from .tables import Analysis, analyze, consistency_table
@@ -103,7 +103,8 @@ def compose(an: Analysis, title: str, intro: list[str], figures, out: Path) -> D
     doc.h("Per task")
     for task, t in an.tasks.groupby("task", sort=False):
         r0 = t.iloc[0]
-        unit = "0-100 score" if r0["unit"].startswith("score") else "lower is better"
+        unit = ("0-100 score" if r0["unit"].startswith("score") else "the judge's 1-10 rating"
+                if r0["unit"].startswith("rating") else "lower is better")
         doc.h(f"{task} ({r0['type']}; primary metric {r0['metric']}, {unit}; limit {r0['limit']}, "
               f"{r0['shots']} shots)", 3)
         doc.table(task_view(t))
@@ -129,6 +130,19 @@ def compose(an: Analysis, title: str, intro: list[str], figures, out: Path) -> D
                                 "perplexity task": c["perplexity_task"], "task": c["task"], "n": c["n"],
                                 "ρ": c["spearman_rho"].map(fmt),
                                 "p": c["p_value"].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3g}")}))
+    for key, table, note, files in mt_bench.section(an, out / "plots"):
+        doc.h(f"MT-Bench: {key} (single-answer rating and the pairwise verdict vs the baseline)")
+        doc.p("Single: the judge rates each answer 1-10 (FastChat's single-v1 / single-math-v1 prompts, with GPT-4 "
+              "reference answers for math, reasoning and coding); score = pooled mean of both turns' kept ratings, "
+              "95% CI = ± 1.96 × bootstrap stderr (questions resampled); Δ = paired mean difference per (question, "
+              "turn) vs the baseline's ratings by the same judge. Pairwise: each answer against the same model's "
+              "method=none answer, judged in both orders; orders that disagree count as a tie; adjusted win rate = "
+              "(win + tie/2) / matches, 0.5 = no difference; position bias = share of matches whose verdict flips "
+              "with the order. Unparsed verdicts are counted, never scored.")
+        doc.table(table)
+        doc.p(note, "note")
+        for name, caption in files:
+            doc.img(out / "plots" / name, caption)
     checks = consistency_table(an.evaluated)
     if len(checks):
         doc.h("Backend consistency (the same checkpoint through two backends)")

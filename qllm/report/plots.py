@@ -77,6 +77,8 @@ def _finish(fig, handles: dict, title: str, out: Path, figure: str, file: str = 
 
 
 def _ylabel(unit: str, higher: bool) -> str:
+    if unit.startswith("rating"):
+        return "judge's rating (1-10, higher is better)"
     return "score (0-100, higher is better)" if unit.startswith("score") else f"{unit} (lower is better)"
 
 

@@ -19,6 +19,7 @@ from ..names import Tag
 
 SPEED_KEY = "speed/bs1/decode_tok_s"
 RSS_KEY = "mem/evaluate/peak_rss_gb"
+RATING = "rating (1-10)"  # the unit of a dialogue task's value (MT-Bench's judge)
 TASK_COLUMNS = ["model", "cell", "method", "bits", "task", "type", "metric", "unit", "higher_is_better", "limit",
                 "shots", "value", "value_se", "ci_lo", "ci_hi", "raw", "raw_stderr", "baseline", "baseline_se",
                 "delta", "delta_se", "delta_lo", "delta_hi", "significant", "recovery_pct", "n_pairs", "lost",
@@ -48,6 +49,8 @@ def task_value(cell: CellRun, spec: TaskSpec) -> tuple[Optional[float], Optional
     a score, else the raw primary metric."""
     raw = _num(cell.metrics.get(f"{spec.key}/{spec.metric_key}"))
     raw_se = _num(cell.metrics.get(f"{spec.key}/{spec.metric_key}_stderr"))
+    if spec.type == "dialogue":  # MT-Bench: `<task>/score` is the judge's 1-10 rating, its own scale
+        return raw, raw_se, raw, raw_se, False
     score = _num(cell.metrics.get(f"{spec.key}/score"))
     if score is not None:
         return score, (100.0 * raw_se if raw_se is not None else None), raw, raw_se, True
@@ -163,7 +166,8 @@ def analyze(cells: list[CellRun], store: Optional[Store] = None, keep_tasks: Opt
             value, value_se, raw, raw_se, scored = task_value(c, spec)
             lo, hi = stats.ci95(value, value_se)
             row = {"model": c.model, "cell": c.label, "method": c.method, "bits": c.bits, "task": key,
-                   "type": spec.type, "metric": spec.metric, "unit": "score (0-100)" if scored else spec.metric_key,
+                   "type": spec.type, "metric": spec.metric, "unit": "score (0-100)" if scored else
+                   RATING if spec.type == "dialogue" else spec.metric_key,
                    "higher_is_better": spec.higher_is_better, "limit": spec.settings[0], "shots": spec.settings[1],
                    "value": value, "value_se": value_se, "ci_lo": lo, "ci_hi": hi, "raw": raw, "raw_stderr": raw_se,
                    "run_id": c.run_id, "source_run_id": c.source_run_id}
@@ -256,8 +260,8 @@ def summary_table(evaluated: list[CellRun], tasks: pd.DataFrame) -> pd.DataFrame
     rows = []
     for c in evaluated:
         t = tasks[tasks["run_id"] == c.run_id] if len(tasks) else tasks
-        scored = t[t["unit"] == "score (0-100)"] if len(t) else t
-        ppl = t[t["unit"] != "score (0-100)"] if len(t) else t
+        scored = t[t["higher_is_better"].astype(bool)] if len(t) else t  # 0-100 scores and MT-Bench's rating
+        ppl = t[~t["higher_is_better"].astype(bool)] if len(t) else t
         rec = scored["recovery_pct"].dropna() if len(scored) else pd.Series(dtype=float)
         prec = ppl["recovery_pct"].dropna() if len(ppl) else pd.Series(dtype=float)
         worse = 0

@@ -66,7 +66,12 @@ def judge_task(cell: Cell, task: str, answers_file: Path, baseline_file: Optiona
     t = time.perf_counter()
     if todo:
         with endpoint(judge, out / "judge_server.log") as (url, model):
-            ask = client.Client.for_judge(judge, url, model).chat
+            chat = client.Client.for_judge(judge, url, model).chat
+            constrain = bool(judge.get("constrain_verdict"))
+
+            def ask(j: grading.Judgment) -> str:
+                return chat(j.messages, grading.constraint(j, constrain))
+
             new = grading.run([js[i] for i in todo], ask, store, key, judge["concurrency"])
         done |= {todo[i]: rec for i, rec in new.items()}
     records = [done[i] for i in range(len(js))]
