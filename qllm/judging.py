@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -125,8 +126,8 @@ def log(cell: Cell, results: EvalResult, verdicts: dict[str, dict], judge_dir: P
     from .cell import judge_identity
     from .store import tracking
 
-    mlflow.log_metrics({k: v for k, v in tracking.task_metrics(results).items()
-                        if k.split("/", 1)[0] in verdicts})
+    mlflow.log_metrics({name: value for key in verdicts
+                        for name, value in tracking.result_metrics(key, results.tasks[key]).items()})
     for key, v in verdicts.items():
         mlflow.log_artifact(str(judge_dir / f"per_sample_{key}.jsonl"), "eval")
         for name in (f"judge_{key}.json", f"judgments_{key}.jsonl"):
@@ -159,7 +160,6 @@ def _judge_run(run_id: str, judge_cfg: dict, launch: dict, data_dir: str, experi
     from .errors import QllmConfigError
     from .judge import planning as judges
     from .stages.runner import free_port
-    from .store import tracking
 
     run = mlflow.get_run(run_id)
     cell = Cell.from_json(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="cell.json"))
@@ -188,8 +188,9 @@ def _judge_run(run_id: str, judge_cfg: dict, launch: dict, data_dir: str, experi
                                 for k in cell.dialogue_tasks}, out_dir=str(workdir / "eval"))
     (workdir / "eval").mkdir()
     for key in cell.dialogue_tasks:
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"eval/answers_{key}.jsonl",
-                                            dst_path=str(workdir))
+        got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"eval/answers_{key}.jsonl",
+                                                  dst_path=str(workdir / "downloaded"))
+        shutil.copyfile(got, workdir / "eval" / f"answers_{key}.jsonl")
     print(f"[qllm judge] {run_id} ({run.info.run_name}): judging {', '.join(cell.dialogue_tasks)} with "
           f"{judge['model']} ...", flush=True)
     verdicts = judge_tasks(cell, results, workdir, launch, free_port(), experiment_id)
@@ -197,8 +198,7 @@ def _judge_run(run_id: str, judge_cfg: dict, launch: dict, data_dir: str, experi
         log(cell, results, verdicts, workdir / "judge")
         mlflow.log_dict({**params(cell), "judged_later": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                         "judge/judge_params.json")
-    if tracking.task_metrics(results):
-        print(f"[qllm judge] {run_id}: verdicts logged to the run", flush=True)
+    print(f"[qllm judge] {run_id}: verdicts logged to the run", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -209,7 +209,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from .errors import QllmConfigError
     from .planning import compose_config
     from .report.select import default_uri
 
@@ -238,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             _judge_run(run_id, cfg["judge"], cfg["launch"]["evaluate"], cfg["data_dir"], experiment.experiment_id,
                        a.force)
-        except (QllmConfigError, client.JudgeError) as e:
+        except Exception as e:  # noqa: BLE001 - one run that cannot be judged must not stop the others
             print(f"[qllm judge] {run_id}: {e}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0

@@ -37,8 +37,8 @@ def command(judge: dict, port: int) -> tuple[list[str], dict[str, str], str]:
             cmd.append("--enforce-eager")
         return cmd, env, NAME
     cli = Path(sys.executable).with_name("transformers")
-    cmd = [str(cli), "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", judge["dtype"],
-           "--log-level", "warning"]
+    cmd = [str(cli), "serve", judge["model"], "--host", "127.0.0.1", "--port", str(port), "--dtype", judge["dtype"],
+           "--log-level", "warning", "--default-seed", str(judge["seed"])]  # the model loaded at start
     return cmd, {}, judge["model"]
 
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..cell import Cell
 from ..names import EVALUATE_LOAD_WALL, SWEEP_STATUSES, Kind, Status, Tag, metric_name, task_metric
-from ..records import EvalResult, QuantizeResult
+from ..records import EvalResult, QuantizeResult, TaskResult
 from . import mlflow_store
 
 ENV_PARENT = "QLLM_SWEEP_PARENT_RUN_ID"
@@ -92,15 +92,11 @@ def task_metrics(results: EvalResult) -> dict[str, float]:
     """Every number of the evaluate stage as an MLflow metric: `<task>/<metric>`, `<task>/<metric>_stderr`,
     `<task>/score` (0-100), `<task>/n_samples`, `<task>/<subtask>/<metric>`, `<task>/difficulty/<label>/<metric>`,
     and `suite/score_macro`."""
-    from ..tasks.results import numeric_metrics, primary_key
+    from ..tasks.results import primary_key
 
     out: dict[str, float] = {}
     for key, t in results.tasks.items():
-        for name, value in numeric_metrics(t.metrics).items():
-            out[task_metric(key, metric_name(name))] = value
-        for sub, metrics in t.subtasks.items():
-            for name, value in metrics.items():
-                out[task_metric(key, sub, metric_name(name))] = value
+        out |= result_metrics(key, t)
         primary = metric_name(primary_key(t.primary["metric"]))
         for label, b in t.by_difficulty.items():
             out[task_metric(key, "difficulty", label, primary)] = b["mean"]
@@ -113,6 +109,18 @@ def task_metrics(results: EvalResult) -> dict[str, float]:
         out[f"suite/{name}"] = value
     if results.wall_s.get("load"):  # loading the model (a serving engine's startup), apart from the tasks' time
         out[EVALUATE_LOAD_WALL] = float(results.wall_s["load"])
+    return out
+
+
+def result_metrics(key: str, t: TaskResult) -> dict[str, float]:
+    """A task's result metrics (`<task>/<metric>`, `<task>/<subtask>/<metric>`): what a judge adds to a dialogue
+    task, without the evaluation's own counts and times."""
+    from ..tasks.results import numeric_metrics
+
+    out = {task_metric(key, metric_name(name)): value for name, value in numeric_metrics(t.metrics).items()}
+    for sub, metrics in t.subtasks.items():
+        for name, value in metrics.items():
+            out[task_metric(key, sub, metric_name(name))] = value
     return out
 
 
