@@ -52,6 +52,7 @@ def params(cell: Cell) -> dict[str, str]:
         out |= {"judge.host": client.host_of(judge["base_url"]), "judge.api_key_env": judge.get("api_key_env") or ""}
     else:
         out |= {"judge.host": "127.0.0.1 (local server)", "judge.server": judge["server"],
+                "judge.constrain_verdict": str(bool(judge.get("constrain_verdict"))).lower(),
                 "judge.server_version": judge.get("server_version", ""), "judge.model.content": judge.get("content", "")}
     for key in cell.dialogue_tasks:
         prompts = Path(cell.data_dir) / cell.tasks[key]["settings"]["judge_prompts"]
@@ -142,6 +143,8 @@ def log(cell: Cell, results: EvalResult, verdicts: dict[str, dict], judge_dir: P
         elif pair:
             line += f"; vs baseline: all {pair['errors']} matches unparsed"
         print(line, flush=True)
+    if (judge_dir / "judge_server.log").is_file():
+        mlflow.log_artifact(str(judge_dir / "judge_server.log"), "logs")
     mlflow.set_tags({Tag.JUDGED: ",".join(verdicts) or "none",
                      Tag.JUDGE_IDENTITY: json.dumps(judge_identity(cell.judge), sort_keys=True)})
 

@@ -5,11 +5,13 @@ cells each instrument tells apart from their baseline (the study's finding 4, me
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 
+from ..names import Tag
 from .render import fmt
 from .select import CellRun
 from .tables import Analysis
@@ -28,6 +30,18 @@ def _m(c: CellRun, key: str, name: str) -> Optional[float]:
     return None if v is None or pd.isna(v) else float(v)
 
 
+def judge_label(c: CellRun) -> str:
+    """Who judged: the model (a local dir's last component), its kind, and "constrained" when its verdicts were
+    decoded under the format's regex."""
+    try:
+        ident = json.loads(c.tags.get(Tag.JUDGE_IDENTITY) or "{}") or {}
+    except ValueError:
+        ident = {}
+    model = str(ident.get("model") or c.params.get("judge.model", "?")).rstrip("/").rsplit("/", 1)[-1]
+    extra = ", constrained verdicts" if ident.get("constrain_verdict") else ""
+    return f"{model} ({ident.get('kind') or c.params.get('judge.kind', '?')}{extra})"
+
+
 def _ci(lo: Optional[float], hi: Optional[float]) -> str:
     return "" if lo is None or hi is None or pd.isna(lo) else f"[{fmt(lo)}, {fmt(hi)}]"
 
@@ -42,8 +56,7 @@ def rows(an: Analysis, key: str) -> pd.DataFrame:
         score = _m(c, key, "score")  # None when no verdict could be parsed
         r = t.loc[c.run_id] if c.run_id in t.index else None
         judged = _m(c, key, "n_judgments") or 0.0
-        row = {"model": c.model, "cell": c.label, "method": c.method, "run_id": c.run_id, "judge":
-               c.params.get("judge.model", "?").rsplit("/", 1)[-1] + f" ({c.params.get('judge.kind', '?')})",
+        row = {"model": c.model, "cell": c.label, "method": c.method, "run_id": c.run_id, "judge": judge_label(c),
                "score": score, "se": _m(c, key, "score_stderr"), "turn1": _m(c, key, "turn1"),
                "turn2": _m(c, key, "turn2"), "unparsed": _m(c, key, "parse_failures"), "n_judgments": judged}
         if r is not None and c.method != "none":

@@ -131,12 +131,17 @@ class CellRun:
             return None
 
 
-def task_specs(params: dict[str, str]) -> dict[str, TaskSpec]:
+def task_specs(params: dict[str, str], tags: Optional[dict[str, str]] = None) -> dict[str, TaskSpec]:
     keys = [k for k in params.get("tasks", "").split(",") if k]
     chat = params.get("eval.apply_chat_template", "False")
     backend = params.get("eval.backend", "hf")  # a baseline is compared on its own backend (the last setting)
-    return {k: TaskSpec(k, params.get(f"{k}.type", ""), params.get(f"{k}.metric", ""),
-                        tuple(params.get(f"{k}.{s}", "") for s in TASK_SETTINGS) + (chat, backend)) for k in keys}
+    judge = (tags or {}).get(Tag.JUDGE_IDENTITY, "")  # a dialogue task's baseline: rated by the same judge
+
+    def settings(k: str) -> tuple:
+        base = tuple(params.get(f"{k}.{s}", "") for s in TASK_SETTINGS) + (chat, backend)
+        return base + (judge,) if params.get(f"{k}.type") == "dialogue" else base
+
+    return {k: TaskSpec(k, params.get(f"{k}.type", ""), params.get(f"{k}.metric", ""), settings(k)) for k in keys}
 
 
 def cell_from_run(run: Run) -> CellRun:
@@ -144,7 +149,7 @@ def cell_from_run(run: Run) -> CellRun:
     status = tags.get(Tag.STATUS) or (Status.RUNNING.value if run.info.status == "RUNNING" else Status.LOST.value)
     return CellRun(run_id=run.info.run_id, name=run.info.run_name or "", status=status, run_status=run.info.status,
                    model=params.get("model", "?"), method=params.get("method", "?"), bits=params.get("bits", "none"),
-                   suite=params.get("task", ""), tasks=task_specs(params), metrics=dict(run.data.metrics),
+                   suite=params.get("task", ""), tasks=task_specs(params, tags), metrics=dict(run.data.metrics),
                    params=params, tags=tags, start_time=run.info.start_time or 0)
 
 
