@@ -81,10 +81,8 @@ def judge_task(cell: Cell, task: str, answers_file: Path, baseline_file: Optiona
               "cached": len(js) - len(todo), "wall_s": round(time.perf_counter() - t, 2)}
     if process.is_main():
         (out / f"judge_{task}.json").write_text(json.dumps(result, indent=2))
-        with open(out / f"judgments_{task}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        with open(out / f"per_sample_{task}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in scores.per_sample(records))
+        mt_bench.write_jsonl(out / f"judgments_{task}.jsonl", records)
+        mt_bench.write_jsonl(out / f"per_sample_{task}.jsonl", scores.per_sample(records))
     return result
 
 

@@ -39,6 +39,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def questions(data_dir: str, settings: dict, limit: Optional[int] = None) -> list[dict]:
     """The benchmark's questions; with `limit`, that many taken round robin over the categories in file order
     (limit 8 covers each of the 8 categories once), so a small run still sees every kind of question and judge
@@ -193,8 +198,7 @@ def run(lm: Any, entry: dict, *, data_dir: str, seed: int, model_id: str, out_di
     qs = questions(data_dir, settings, entry.get("limit"))
     records = generate_answers(lm, qs, entry.get("max_gen_toks") or 1024, model_id, seed,
                                settings.get("temperature"))
-    with open(out_dir / f"answers_{key}.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    write_jsonl(out_dir / f"answers_{key}.jsonl", records)
     return TaskResult(lm_eval_task="mt_bench", n_samples={"effective": len(qs), "original": len(everything)},
                       num_fewshot=0, primary={"metric": entry["metric"], "value": None},
                       wall_s=round(time.perf_counter() - t, 2))

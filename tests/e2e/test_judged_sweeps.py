@@ -14,9 +14,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
-from conftest import REPO, _qllm, mlflow_runs, run_qllm
+from conftest import _qllm, mlflow_runs, run_qllm
 from scripted_judge import ScriptedJudge, user_text
 
 SECRET = "sk-qllm-test-secret-0123456789"
@@ -151,32 +149,3 @@ def test_judge_later_over_a_finished_run(tmp_path, cache_dir, data_dir, monkeypa
     assert run["metrics.mt_bench/score"] == 6.0 and run["metrics.mt_bench/pairwise/tie"] == 1.0
     assert run["tags.qllm.judged"] == "mt_bench"
     assert SECRET not in later.stdout + later.stderr and _files_containing(tmp_path, SECRET.encode()) == []
-
-
-@pytest.mark.slow
-def test_smollm2_judged_by_a_local_vllm_server(tmp_path, cache_dir, data_dir):
-    """The real default model answers, SmolLM2 served locally by vLLM judges (a weak judge: constrain_verdict makes
-    its verdicts parseable). One quantized cell: the baseline's answers are generated inside it."""
-    if not (REPO / ".venv-vllm" / "bin" / "python").is_file() and not os.environ.get("QLLM_VLLM_PYTHON"):
-        pytest.skip("no vLLM environment (make setup builds .venv-vllm)")
-    import psutil
-
-    from qllm.planning import compose_cell
-    from qllm.sources.models import prepare
-
-    smol = compose_cell(["method=none", f"data_dir={data_dir}", f"cache_dir={cache_dir}"])
-    judge_dir = prepare(smol.model, smol.data_dir, smol.cache_dir)
-    proc = run_qllm(["method=rtn", "task=mt_bench", "task.limit=1", "task.max_new_tokens=16", "judge=local",
-                     f"judge.model={judge_dir}", "judge.constrain_verdict=true", "judge.max_tokens=400"],
-                    tmp_path, cache_dir, data_dir, timeout=1500)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    assert "generating them" in out and "judge: server up in" in out
-    run = mlflow_runs(tmp_path).iloc[0]
-    assert 1.0 <= run["metrics.mt_bench/score"] <= 10.0
-    assert run["metrics.mt_bench/parse_failures"] == 0 and run["metrics.mt_bench/n_judgments"] == 2
-    assert run["metrics.mt_bench/pairwise/n_matches"] == 2 and run["metrics.mt_bench/pairwise/errors"] == 0
-    assert run["params.judge.server"] == "vllm" and run["params.judge.kind"] == "local"
-    # the server and its engine ended with the judge stage
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "qllm.judge.vllm_serve" in " ".join(
-        p.info["cmdline"] or [])]
