@@ -50,10 +50,11 @@ vllm-lock:
 run:
 	$(BIN)/python -m qllm.run $(ARGS)
 
-# Test modules run in WORKERS processes (pytest-xdist; each module stays in one worker, so its fixtures run once).
-# WORKERS=0 runs everything in this process (one failing test is easier to read that way).
+# Test modules run in WORKERS processes (pytest-xdist; each module stays in one worker, so its fixtures run once),
+# longest first as tests/conftest.py orders them (xdist's own reorder, by number of tests, put the long one-test e2e
+# modules last). WORKERS=0 runs everything in this process (one failing test is easier to read that way).
 test:
-	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist loadscope $(ARGS)
+	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist loadscope --no-loadscope-reorder $(ARGS)
 
 # unit tests only (in-process; no CLI runs, no SmolLM2): under 3 minutes on 2 cores
 test-fast:

@@ -53,7 +53,8 @@ def params(cell: Cell) -> dict[str, str]:
     else:
         out |= {"judge.host": "127.0.0.1 (local server)", "judge.server": judge["server"],
                 "judge.constrain_verdict": str(bool(judge.get("constrain_verdict"))).lower(),
-                "judge.server_version": judge.get("server_version", ""), "judge.model.content": judge.get("content", "")}
+                "judge.server_version": judge.get("server_version", ""),
+                "judge.model.content": judge.get("content", "")}
     for key in cell.dialogue_tasks:
         prompts = Path(cell.data_dir) / cell.tasks[key]["settings"]["judge_prompts"]
         out[f"judge.{key}.prompts_sha256"] = hashlib.sha256(prompts.read_bytes()).hexdigest()
@@ -204,6 +205,25 @@ def _judge_run(run_id: str, judge_cfg: dict, launch: dict, data_dir: str, experi
     print(f"[qllm judge] {run_id}: verdicts logged to the run", flush=True)
 
 
+def _cells_of(run_ids: list[str], experiment_id: str) -> list[str]:
+    """The runs to judge: a sweep's parent run stands for its finished cells (baselines first)."""
+    from .names import Kind, Status
+
+    out: list[str] = []
+    for run_id in run_ids:
+        run = mlflow.get_run(run_id)
+        if run.data.tags.get(Tag.KIND) != Kind.SWEEP.value:
+            out.append(run_id)
+            continue
+        children = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
+                                      filter_string=f"tags.`{Tag.PARENT_RUN_ID}` = '{run_id}'")
+        cells = [c for c in children if c.data.tags.get(Tag.KIND) == Kind.CELL.value
+                 and c.data.tags.get(Tag.STATUS) == Status.FINISHED.value]
+        print(f"[qllm judge] sweep {run_id}: {len(cells)} finished cell(s)", flush=True)
+        out += [c.info.run_id for c in sorted(cells, key=lambda c: c.data.params.get("method") != "none")]
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """`qllm judge --run-ids A [B ...] [judge overrides]`: judge the dialogue answers of finished runs and log the
     verdicts into them (a quantized run is also judged against its model's method=none answers)."""
@@ -218,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="qllm judge", description=main.__doc__,
                                 epilog="overrides: the judge (and data_dir), as for qllm run: judge=openai, "
                                        "judge=local judge.model=<dir>, judge.base_url=..., judge.model=...")
-    p.add_argument("--run-ids", nargs="+", required=True)
+    p.add_argument("--run-ids", nargs="+", required=True, help="cell runs, or a sweep's parent run (its cells)")
     p.add_argument("--tracking-uri", default=None, help="default: the local store (mlruns/ here)")
     p.add_argument("--experiment", default="qllm")
     p.add_argument("--force", action="store_true", help="judge runs already judged by another judge")
@@ -236,7 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[qllm judge] no experiment {a.experiment!r} in {mlflow.get_tracking_uri()}", file=sys.stderr)
         return 2
     failed = 0
-    for run_id in a.run_ids:
+    for run_id in _cells_of(a.run_ids, experiment.experiment_id):
         try:
             _judge_run(run_id, cfg["judge"], cfg["launch"]["evaluate"], cfg["data_dir"], experiment.experiment_id,
                        a.force)

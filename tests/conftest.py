@@ -30,8 +30,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if e2e in Path(item.fspath).parents:
             item.add_marker(pytest.mark.e2e)
-    # Longest first: `make test` hands whole modules to 2 workers (--dist loadscope) in this order. In collection
-    # order the long e2e modules came last and one worker ran alone for minutes (measured: 20 min 16 s).
+    # Longest first: `make test` hands whole modules to 2 workers in this order (--dist loadscope
+    # --no-loadscope-reorder). xdist's default order (most tests first) put the long one-test e2e modules last, and
+    # one worker ran alone for minutes at the end (measured: 20 min 16 s).
     slow = {str(i.fspath) for i in items if i.get_closest_marker("slow")}
     items.sort(key=lambda i: 0 if str(i.fspath) in slow else 1 if e2e in Path(i.fspath).parents else 2)
 

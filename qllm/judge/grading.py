@@ -87,14 +87,15 @@ def _path(store: Path, key: str) -> Path:
 
 
 def load_cached(js: list[Judgment], store: Path, judge_key: str) -> dict[int, dict]:
-    """index in `js` -> cached record, for the judgments already made."""
+    """index in `js` -> its record, for the judgments whose verdict is cached (the record is rebuilt from the stored
+    text: two judgments can send the same chat, e.g. both orders of a match whose two answers are equal)."""
     out = {}
     for i, j in enumerate(js):
         f = _path(store, j.key(judge_key))
         if f.is_file():
             try:
-                out[i] = json.loads(f.read_text())
-            except ValueError:  # not whole (cannot happen with rename; a foreign write): ask again
+                out[i] = verdict(j, json.loads(f.read_text())["judgment"])
+            except (ValueError, KeyError):  # not whole (cannot happen with rename; a foreign write): ask again
                 continue
     return out
 
@@ -115,26 +116,29 @@ def constraint(j: Judgment, constrain: bool) -> Optional[dict]:
 
 def run(js: list[Judgment], ask: Callable[[Judgment], str], store: Path, judge_key: str, concurrency: int,
         progress_every_s: float = 10.0) -> dict[int, dict]:
-    """Ask the judge for every judgment in `js` (at most `concurrency` in flight), saving each verdict as it comes.
-    The first failure (past the client's retries) stops the rest: what finished is kept."""
+    """Ask the judge each different chat in `js` once (at most `concurrency` in flight), saving each verdict as it
+    comes; index in `js` -> record. The first failure (past the client's retries) stops the rest: what finished is
+    kept."""
+    by_key: dict[str, list[int]] = {}
+    for i, j in enumerate(js):
+        by_key.setdefault(j.key(judge_key), []).append(i)
     done: dict[int, dict] = {}
     lock = threading.Lock()
     t0 = last = time.monotonic()
 
-    def one(i: int) -> None:
+    def one(key: str, same: list[int]) -> None:
         nonlocal last
-        j = js[i]
-        record = verdict(j, ask(j))
-        _save(store, j.key(judge_key), record)
+        text = ask(js[same[0]])
+        _save(store, key, verdict(js[same[0]], text))
         with lock:
-            done[i] = record
+            done.update({i: verdict(js[i], text) for i in same})
             now = time.monotonic()
             if now - last >= progress_every_s or len(done) == len(js):
                 last = now
                 print(f"[qllm] judge: {len(done)}/{len(js)} judgments ({now - t0:.0f} s)", flush=True)
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="qllm-judge") as pool:
-        futures = [pool.submit(one, i) for i in range(len(js))]
+        futures = [pool.submit(one, key, same) for key, same in by_key.items()]
         finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed: Optional[BaseException] = next((f.exception() for f in finished if f.exception()), None)
         if failed is not None:

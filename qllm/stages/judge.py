@@ -60,7 +60,8 @@ def judge_task(cell: Cell, task: str, answers_file: Path, baseline_file: Optiona
     store = cache.judgments_dir(cell.cache_dir, key)
     done = grading.load_cached(js, store, key)
     todo = [i for i in range(len(js)) if i not in done]
-    print(f"[qllm] judge: {task}: {len(js)} judgments ({len(done)} cached, {len(todo)} to ask) by "
+    asked = len({js[i].key(key) for i in todo})  # a chat sent twice (equal answers) is asked once
+    print(f"[qllm] judge: {task}: {len(js)} judgments ({len(done)} cached, {asked} to ask) by "
           f"{judge['model']} ({judge['kind']}{', ' + judge['server'] if judge['kind'] == 'local' else ''})",
           flush=True)
     t = time.perf_counter()
@@ -77,7 +78,7 @@ def judge_task(cell: Cell, task: str, answers_file: Path, baseline_file: Optiona
     records = [done[i] for i in range(len(js))]
     single = scores.single(records, judge["bootstrap_iters"], judge["seed"])
     pair = scores.pairwise(records, judge["bootstrap_iters"], judge["seed"]) if baseline_file else None
-    result = {"task": task, "single": single, "pairwise": pair, "judge_key": key, "asked": len(todo),
+    result = {"task": task, "single": single, "pairwise": pair, "judge_key": key, "asked": asked,
               "cached": len(js) - len(todo), "wall_s": round(time.perf_counter() - t, 2)}
     if process.is_main():
         (out / f"judge_{task}.json").write_text(json.dumps(result, indent=2))

@@ -3,16 +3,18 @@ HTTP (a scripted OpenAI-compatible server on 127.0.0.1, or a local vLLM server f
 
 Checks: single and pairwise metrics in the runs, the baseline's answers reused from the cache, the API key never
 written anywhere, an unreachable judge failing the cell before any answer, an interrupted judging resumed with only
-the missing verdicts, `qllm judge --run-ids` over a judge=none run, and the report's MT-Bench section."""
+the missing verdicts, `qllm judge --run-ids` over a judge=none sweep, and the report's MT-Bench section."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import _qllm, mlflow_runs, run_qllm
 from scripted_judge import ScriptedJudge, user_text
@@ -31,6 +33,35 @@ def _rule(messages):
     if "Assistant A" in user and "Assistant B" in user:
         return "Both are poor; A is shown first. [[A]]"  # always the first shown: position bias 1, all ties
     return "Rating: [[6]]" if "[Question]" in user or "<|The Start of Assistant A's Conversation" in user else "?"
+
+
+def _distinct_chats(data_dir, base_run: str, quant_run: str) -> int:
+    """How many different chats the judge must see for a baseline and a quantized cell (single grading of both,
+    pairwise of the quantized one): a chat asked once is answered from the verdict cache afterwards, and a quantized
+    tiny model can give the baseline's very answer."""
+    import mlflow
+
+    from qllm.judge.grading import pair_judgments, single_judgments
+    from qllm.tasks import mt_bench
+
+    settings = {"questions": "mt_bench/question.jsonl", "references": "mt_bench/reference_answer/gpt-4.jsonl",
+                "judge_prompts": "mt_bench/judge_prompts.jsonl"}
+
+    def answers(run_id):
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval/answers_mt_bench.jsonl")
+        return {r["question_id"]: r["choices"][0]["turns"] for r in mt_bench.read_jsonl(Path(path))}
+
+    base, quant = answers(base_run), answers(quant_run)
+    qs = [q for q in mt_bench.questions(str(data_dir), settings) if q["question_id"] in base]
+    prompts, refs = mt_bench.judge_prompts(str(data_dir), settings), mt_bench.references(str(data_dir), settings)
+    js = (single_judgments(qs, base, prompts, refs) + single_judgments(qs, quant, prompts, refs)
+          + pair_judgments(qs, quant, base, prompts, refs))
+    return len({json.dumps(j.messages) for j in js})
+
+
+def _asked_once_each(judge: ScriptedJudge) -> bool:
+    chats = [json.dumps(r["messages"]) for r in judge.requests]
+    return len(chats) == len(set(chats))
 
 
 def _files_containing(root, needle: bytes) -> list[str]:
@@ -54,12 +85,14 @@ def test_sweep_with_a_scripted_judge(tmp_path, cache_dir, data_dir, monkeypatch)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "baseline answers from the cache" in out  # the none cell ran first: its answers are reused
-    # none: 2 questions x 2 turns; rtn: the same single grading, plus 4 matches x 2 orders
-    assert len(judge.requests) == 4 + 4 + 8
     assert set(judge.authorizations) == {f"Bearer {SECRET}"}
     runs = mlflow_runs(tmp_path)
     cells = runs[runs["tags.qllm.kind"] == "cell"].set_index("params.method")
     base, rtn = cells.loc["none"], cells.loc["rtn"]
+    # none: 2 questions x 2 turns; rtn: the same single grading, plus 4 matches x 2 orders; each chat asked once
+    assert _asked_once_each(judge) and len(judge.requests) == _distinct_chats(data_dir, base["run_id"], rtn["run_id"])
+    assert 4 + 8 <= len(judge.requests) <= 4 + 4 + 8
+    assert base["metrics.mt_bench/n_judgments"] == rtn["metrics.mt_bench/n_judgments"] == 4
     assert base["metrics.mt_bench/score"] == 6.0 and base["metrics.mt_bench/parse_failures"] == 0
     assert base["metrics.mt_bench/turn1"] == base["metrics.mt_bench/turn2"] == 6.0
     assert "metrics.mt_bench/pairwise/win_rate_adjusted" not in base or \
@@ -129,23 +162,28 @@ def test_interrupted_judging_resumes_with_the_missing_verdicts(tmp_path, cache_d
     assert runs.iloc[1]["metrics.mt_bench/score"] == 7.0
 
 
-def test_judge_later_over_a_finished_run(tmp_path, cache_dir, data_dir, monkeypatch):
+def test_judge_later_over_a_finished_sweep(tmp_path, cache_dir, data_dir, monkeypatch):
     monkeypatch.setenv("QLLM_TEST_JUDGE_KEY", SECRET)
     tiny3 = [*TINY[:-2], "task.limit=3", "task.max_new_tokens=4"]  # answers no other test has cached
-    proc = run_qllm(["method=rtn", *tiny3, "judge=none"], tmp_path, cache_dir, data_dir)
+    proc = run_qllm(["-m", "method=rtn,none", *tiny3, "judge=none"], tmp_path, cache_dir, data_dir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "not judged" in proc.stdout
-    run_id = mlflow_runs(tmp_path).iloc[0]["run_id"]
+    assert proc.stdout.count("not judged") == 2
+    runs = mlflow_runs(tmp_path)
+    parent = runs[runs["tags.qllm.kind"] == "sweep"].iloc[0]["run_id"]
     with ScriptedJudge(_rule) as judge:
-        cmd = [sys.executable, "-m", "qllm", "judge", "--run-ids", run_id, "--tracking-uri",
+        cmd = [sys.executable, "-m", "qllm", "judge", "--run-ids", parent, "--tracking-uri",
                f"sqlite:///{tmp_path}/mlruns/mlflow.db", *_scripted(judge.url), f"data_dir={data_dir}"]
         later = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                                env={**os.environ, "QLLM_CACHE_DIR": str(cache_dir)})
     assert later.returncode == 0, (later.stdout + later.stderr)[-3000:]
-    # the quantized run is graded and paired with its baseline's answers (generated now: none existed)
-    assert "generating them" in later.stdout
-    assert len(judge.requests) == 6 + 12
-    run = mlflow_runs(tmp_path).set_index("run_id").loc[run_id]
-    assert run["metrics.mt_bench/score"] == 6.0 and run["metrics.mt_bench/pairwise/tie"] == 1.0
-    assert run["tags.qllm.judged"] == "mt_bench"
+    assert "2 finished cell(s)" in later.stdout and "baseline answers from the cache" in later.stdout
+    cells = mlflow_runs(tmp_path).query("`tags.qllm.kind` == 'cell'").set_index("params.method")
+    # the baseline graded (6), the rtn cell graded (6) and paired with it (12): each different chat asked once
+    assert _asked_once_each(judge)
+    assert len(judge.requests) == _distinct_chats(data_dir, cells.loc["none", "run_id"], cells.loc["rtn", "run_id"])
+    assert cells.loc["rtn", "metrics.mt_bench/pairwise/n_matches"] == 6
+    assert cells.loc["none", "metrics.mt_bench/score"] == 6.0
+    assert cells.loc["rtn", "metrics.mt_bench/score"] == 6.0
+    assert cells.loc["rtn", "metrics.mt_bench/pairwise/tie"] == 1.0
+    assert set(cells["tags.qllm.judged"]) == {"mt_bench"}
     assert SECRET not in later.stdout + later.stderr and _files_containing(tmp_path, SECRET.encode()) == []

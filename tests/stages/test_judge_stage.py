@@ -102,3 +102,21 @@ def test_changed_answers_are_judged_again_unchanged_ones_not(cell, tmp_path):
     answers.write_text("\n".join([json.dumps(changed), *lines[1:]]) + "\n")
     res = judge_task(c, "mt_bench", answers, None, out)
     assert res["asked"] == 1  # only turn 2 of question 81 shows the edited answer (turn 1's prompt does not)
+
+
+def test_equal_answers_are_asked_once_and_mapped_per_order(data_dir, tmp_path):
+    """A quantized model that gives its baseline's very answer: both orders of the match send the same chat; it is
+    asked once, and the verdict is read for each order (the first shown always wins here: a tie)."""
+    with ScriptedJudge(lambda m: "[[A]]" if "Assistant B" in user_text(m) else "[[4]]") as judge:
+        c = compose_cell(["model=tiny-random-llama", "method=rtn", "task=mt_bench", "task.limit=4", "judge=openai",
+                          f"judge.base_url={judge.url}", "judge.model=scripted", "judge.api_key_env=null",
+                          f"data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}"])
+        same = _write_answers(tmp_path / "a.jsonl", "SAME")
+        out = tmp_path / "out"
+        out.mkdir()
+        res = judge_task(c, "mt_bench", same, same, out)
+    assert len(judge.requests) == 8 + 8 and res["asked"] == 16  # 8 single, 8 matches x 1 distinct chat
+    assert res["pairwise"]["tie"] == 1.0 and res["pairwise"]["position_bias"] == 1.0
+    records = [json.loads(line) for line in (out / "judgments_mt_bench.jsonl").read_text().splitlines()]
+    pairs = [r for r in records if r["kind"] == "pair"]
+    assert {(r["order"], r["winner"]) for r in pairs} == {("AB", "model_1"), ("BA", "model_2")}
