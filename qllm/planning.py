@@ -36,8 +36,7 @@ def plan_cell(cfg: DictConfig) -> Cell:
         c = OmegaConf.to_container(cfg, resolve=True)
     except (MissingMandatoryValue, InterpolationToMissingValueError) as e:
         key = getattr(e, "full_key", "")
-        hint = (" (model=hf needs model.path=<hub id or local HF dir>)" if "model.path" in str(e) else
-                " (judge=local needs judge.model=<model dir or hub id>)" if "judge.model" in str(e) else "")
+        hint = " (model=hf needs model.path=<hub id or local HF dir>)" if "model.path" in str(e) else ""
         raise QllmConfigError(f"a required setting has no value: {str(e).splitlines()[0]}{hint}"
                               + (f" (while resolving {key})" if key else "")) from None
     assert isinstance(c, dict)
