@@ -127,8 +127,9 @@ class TrackingConfig:
 class JudgeConfig:
     """The LLM judge of dialogue tasks (MT-Bench), conf/judge/: any OpenAI-compatible chat endpoint (`openai`), a
     server qllm starts for a local model (`local`), or none (answers only; `qllm judge --run-ids` later).
-    What changes verdicts (kind, endpoint, model, temperature, max_tokens, server, pairwise) enters the cell key of
-    cells with a dialogue task, and the key of every cached judgment; how requests are made does not."""
+    What changes verdicts (qllm.cell.JUDGE_IDENTITY: kind, endpoint, model, temperature, max_tokens, server and its
+    version, dtype, pairwise, constrain_verdict) enters the cell key of cells with a dialogue task, and the key of
+    every cached judgment (pairwise aside); how requests are made does not."""
 
     name: str = MISSING  # the preset: openai | local | none
     kind: str = "remote"  # remote | local | none

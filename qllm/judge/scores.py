@@ -112,10 +112,10 @@ def pairwise(records: list[dict], iters: int = 1000, seed: int = 1234) -> dict:
     return out
 
 
-def per_sample(records: list[dict]) -> list[dict]:
+def per_sample(records: list[dict], task: str) -> list[dict]:
     """Per (question, turn) rating, as the report pairs items across cells (`eval/per_sample_<task>.jsonl`): the
     rating, or None when it could not be parsed."""
-    return [{"task": "mt_bench", "doc_id": f"{r['question_id']}:{r['turn']}", "filter": "none",
+    return [{"task": task, "doc_id": f"{r['question_id']}:{r['turn']}", "filter": "none",
              "score": None if r["score"] == UNPARSED else float(r["score"]), "category": r["category"],
              "question_id": r["question_id"], "turn": r["turn"]}
             for r in sorted((r for r in records if r["kind"] == "single"), key=lambda r: (r["question_id"], r["turn"]))]

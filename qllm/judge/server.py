@@ -10,6 +10,7 @@ judging ends. It runs in the judge stage's process group, so a killed stage take
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -71,8 +72,6 @@ def _end(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def serving(judge: dict, port: int, log: Path) -> Iterator[tuple[str, str]]:
     """Start the judge's server, wait until it answers; yield (base_url, model name); end it."""
-    import os
-
     cmd, env, model = command(judge, port)
     base = f"http://127.0.0.1:{port}"
     print(f"[qllm] judge: starting {judge['server']} serve for {judge['model']} on {base} ...", flush=True)

@@ -83,7 +83,7 @@ def judge_task(cell: Cell, task: str, answers_file: Path, baseline_file: Optiona
     if process.is_main():
         (out / f"judge_{task}.json").write_text(json.dumps(result, indent=2))
         mt_bench.write_jsonl(out / f"judgments_{task}.jsonl", records)
-        mt_bench.write_jsonl(out / f"per_sample_{task}.jsonl", scores.per_sample(records))
+        mt_bench.write_jsonl(out / f"per_sample_{task}.jsonl", scores.per_sample(records, task))
     return result
 
 

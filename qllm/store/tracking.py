@@ -90,8 +90,8 @@ def cell_params(cell: Cell, task_name: str) -> dict[str, Any]:
 
 def task_metrics(results: EvalResult) -> dict[str, float]:
     """Every number of the evaluate stage as an MLflow metric: `<task>/<metric>`, `<task>/<metric>_stderr`,
-    `<task>/score` (0-100), `<task>/n_samples`, `<task>/<subtask>/<metric>`, `<task>/difficulty/<label>/<metric>`,
-    and `suite/score_macro`."""
+    `<task>/score` (0-100; a dialogue task's own `score` metric is its judge's 1-10 rating), `<task>/n_samples`,
+    `<task>/<subtask>/<metric>`, `<task>/difficulty/<label>/<metric>`, and `suite/score_macro`."""
     from ..tasks.results import primary_key
 
     out: dict[str, float] = {}

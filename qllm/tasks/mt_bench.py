@@ -45,10 +45,13 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def questions(data_dir: str, settings: dict, limit: Optional[int] = None) -> list[dict]:
-    """The benchmark's questions; with `limit`, that many taken round robin over the categories in file order
-    (limit 8 covers each of the 8 categories once), so a small run still sees every kind of question and judge
-    prompt. The file's order is kept."""
-    qs = read_jsonl(Path(data_dir) / settings["questions"])
+    """The benchmark's questions, `limit` of them as `pick` takes them."""
+    return pick(read_jsonl(Path(data_dir) / settings["questions"]), limit)
+
+
+def pick(qs: list[dict], limit: Optional[int]) -> list[dict]:
+    """`limit` questions taken round robin over the categories in file order (limit 8 covers each of the 8
+    categories once), so a small run still sees every kind of question and judge prompt; the file's order is kept."""
     if limit is None or limit >= len(qs):
         return qs
     by_cat: dict[str, list[dict]] = {}
@@ -195,7 +198,7 @@ def run(lm: Any, entry: dict, *, data_dir: str, seed: int, model_id: str, out_di
     t = time.perf_counter()
     settings = entry["settings"]
     everything = questions(data_dir, settings)
-    qs = questions(data_dir, settings, entry.get("limit"))
+    qs = pick(everything, entry.get("limit"))
     records = generate_answers(lm, qs, entry.get("max_gen_toks") or 1024, model_id, seed,
                                settings.get("temperature"))
     write_jsonl(out_dir / f"answers_{key}.jsonl", records)

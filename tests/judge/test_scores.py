@@ -25,7 +25,7 @@ def test_single_pools_kept_ratings_and_counts_failures():
     assert s["turn1"] == pytest.approx(9.0) and s["turn2"] == pytest.approx(5.0)
     assert s["categories"] == {"math": {"score": 7.0, "n": 2}, "writing": {"score": 7.0, "n": 2}}
     assert s["score_stderr"] > 0
-    per = scores.per_sample(recs)
+    per = scores.per_sample(recs, "mt_bench")
     assert [r["doc_id"] for r in per] == ["1:1", "1:2", "2:1", "2:2", "3:1", "3:2"]
     assert per[2]["score"] is None  # unparsed: never scored
 
