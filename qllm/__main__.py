@@ -1,4 +1,4 @@
-"""`qllm <command> ...` (or `python -m qllm <command>`): run | cache | report | compare-backends."""
+"""`qllm <command> ...` (or `python -m qllm <command>`): run | plan | sbatch | cache | report | compare-backends | judge."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import sys
 COMMANDS = {"run": "compose and run cells (Hydra overrides; -m sweeps)", "cache": "ls | verify | rm | gc the cache",
             "report": "tables and plots of a set of runs, logged back to MLflow",
             "compare-backends": "one checkpoint through two backends: per-item agreement, paired delta, verdict",
-            "judge": "judge the dialogue answers (MT-Bench) of finished runs; verdicts logged into them"}
+            "judge": "judge the dialogue answers (MT-Bench) of finished runs; verdicts logged into them",
+            "plan": "the memory plan of cells (Hydra overrides; -m sweeps): peak per stage and device, launch",
+            "sbatch": "dry run of a SLURM sweep: its jobs and the sbatch script, submitting nothing"}
 
 
 def main() -> None:
@@ -29,6 +31,14 @@ def main() -> None:
         from .judging import main as judge_main
 
         raise SystemExit(judge_main())
+    elif cmd == "plan":
+        from .plan.cli import main as plan_main
+
+        raise SystemExit(plan_main())
+    elif cmd == "sbatch":
+        from .sbatch import main as sbatch_main
+
+        raise SystemExit(sbatch_main())
     elif cmd == "compare-backends":
         from .report.consistency import main as compare_main
 

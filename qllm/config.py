@@ -186,6 +186,18 @@ class ProfileConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The memory planner (qllm.plan): which devices cells are sized for, and whether a cell that cannot fit is refused
+    before it starts. `qllm plan <overrides>` prints the plan without running anything."""
+
+    gpus: Optional[str] = None  # null: the GPUs this machine sees (NVML), else its RAM; or 8xH100-80GB, 2x8xH100-80GB
+    host_ram_gb: Optional[float] = None  # per node; null: this host's (psutil), or 3.2x a given node's GPU memory
+    safety: float = 0.9  # fraction of a device's memory a plan may use
+    allow_offload: bool = False  # evaluate: CPU offload (accelerate device_map) as the last resort; slow
+    enforce: bool = True  # a cell whose plan does not fit is refused (skipped in a sweep) instead of started
+
+
+@dataclass
 class QllmConfig:
     """One cell: model × method × bits × tasks, and how it is evaluated, measured, launched and logged."""
 
@@ -198,6 +210,7 @@ class QllmConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     bits: int = 4
     seed: int = 0
     data_dir: str = MISSING

@@ -29,9 +29,12 @@ from .tasks import spec as tasks
 DTYPES = ("float32", "bfloat16", "float16")  # what a model is loaded and evaluated in
 
 
-def plan_cell(cfg: DictConfig) -> Cell:
+def plan_cell(cfg: DictConfig, check_sources: bool = True) -> Cell:
     """Validate the composed config and describe one cell. Pure apart from reading files' existence (and, for a
-    model given by path, its config.json)."""
+    model given by path, its config.json). `check_sources=False` (`qllm plan`: sizing cells for another machine,
+    offline) skips only what depends on this machine: the model's availability (hub, local cache), data files, hub
+    datasets, the evaluation backend's environment and the judge's; the cell and its keys are the same (a judge
+    that cannot be used here aside)."""
     try:
         c = OmegaConf.to_container(cfg, resolve=True)
     except (MissingMandatoryValue, InterpolationToMissingValueError) as e:
@@ -46,24 +49,27 @@ def plan_cell(cfg: DictConfig) -> Cell:
     method = c["method"]
     bits = _effective_bits(method, c["bits"])
     recipe = _build_recipe(method, bits, model)
-    models.check_available(model, data_dir)
+    if check_sources:
+        models.check_available(model, data_dir)
     if recipe.group_size:
         check_group_size(recipe, model, models.hf_config(model, data_dir, cache_dir))
 
     calibration = c["calibration"] if method.get("calibrate") else None
     if calibration:
-        _check_calibration(calibration, data_dir)
-    task_entries = _plan_tasks(c["task"], data_dir, calibration)
+        _check_calibration(calibration, data_dir, check_sources)
+    task_entries = _plan_tasks(c["task"], data_dir, calibration, check_sources)
     ev = c["eval"]
     backend = backends.get(ev["backend"])
     _check_eval(ev)
-    backend.validate(ev, model, recipe.quant if bits else Scheme(),
-                     functools.partial(_model_config, model, data_dir, cache_dir))
-    judge = judges.plan(c["judge"], task_entries, data_dir) if cells.has_dialogue(task_entries) else None
+    if check_sources:
+        backend.validate(ev, model, recipe.quant if bits else Scheme(),
+                         functools.partial(_model_config, model, data_dir, cache_dir))
+    judge = _plan_judge(c["judge"], task_entries, data_dir, check_sources) if cells.has_dialogue(task_entries) \
+        else None
     profile = c["profile"]
     _check_profile(profile)
     for stage in STAGES:
-        _check_launch(stage, c["launch"][stage])
+        _check_launch(stage, c["launch"][stage], c)
 
     keys = cells.Keys.of(model=model, method=method["name"], bits=bits,
                          recipe=recipe.as_llmcompressor() if bits else {}, calibration=calibration, seed=c["seed"],
@@ -76,6 +82,17 @@ def plan_cell(cfg: DictConfig) -> Cell:
         quant_versions=keys.quant_versions, eval_versions=keys.eval_versions, quant_key=keys.quant,
         key=keys.cell, task_keys=keys.tasks, profile=profile, speed_key=keys.speed, judge=judge,
     )
+
+
+def _plan_judge(judge: dict, task_entries: dict, data_dir: str, check_sources: bool) -> dict:
+    """The resolved judge; without source checks a judge this machine cannot use (no API key, no server) is kept as
+    configured (its identity, hence the cell key, may then differ from the machine that runs it)."""
+    try:
+        return judges.plan(judge, task_entries, data_dir)
+    except QllmConfigError:
+        if check_sources:
+            raise
+        return dict(judge)
 
 
 # ---- model and method ----
@@ -155,12 +172,12 @@ def _at_least(key: str, value: Any, low: int = 1, optional: bool = False, what: 
         raise QllmConfigError(f"{key} must be {bound}{' or null' + what if optional else ''}; got {value}")
 
 
-def _check_calibration(calibration: dict, data_dir: str) -> None:
+def _check_calibration(calibration: dict, data_dir: str, check_sources: bool = True) -> None:
     _at_least("calibration.num_samples", calibration["num_samples"])
     _at_least("calibration.max_seq_len", calibration["max_seq_len"])
     if calibration["source"] not in ("local_text", "hub"):
         raise QllmConfigError(f"calibration.source={calibration['source']!r}; valid: local_text, hub")
-    if calibration["source"] == "local_text":
+    if calibration["source"] == "local_text" and check_sources:
         tasks.check_data_files(f"calibration '{calibration['name']}'", [calibration["path"]], data_dir)
 
 
@@ -182,17 +199,17 @@ def _check_profile(profile: dict) -> None:
     _at_least("profile.speed_warmup", profile["speed_warmup"], low=0)
 
 
-def _check_launch(stage: str, launch: dict) -> None:
+def _check_launch(stage: str, launch: dict, cfg: dict) -> None:
     if launch.get("timeout_s") is not None and launch["timeout_s"] <= 0:
         raise QllmConfigError(f"launch.{stage}.timeout_s must be > 0 seconds or null (no limit); got "
                               f"{launch['timeout_s']}")
-    launchers.get(launch["name"]).validate(launch)
+    launchers.get(launch["name"]).validate(launch, stage, cfg)
 
 
 # ---- tasks ----
 
 
-def _plan_tasks(task_cfg: dict, data_dir: str, calibration: Optional[dict]) -> dict:
+def _plan_tasks(task_cfg: dict, data_dir: str, calibration: Optional[dict], check_sources: bool = True) -> dict:
     if not task_cfg.get("tasks"):
         raise QllmConfigError(f"task '{task_cfg.get('name')}' lists no tasks")
     for cap in ("limit", "max_gen_toks", "max_new_tokens"):  # suite-wide caps
@@ -211,7 +228,11 @@ def _plan_tasks(task_cfg: dict, data_dir: str, calibration: Optional[dict]) -> d
         for cap in ("limit", "max_gen_toks", "max_doc_tokens"):
             _at_least(f"task.tasks.{key}.{cap}", entry.get(cap), optional=True, what=" (no cap)")
         _at_least(f"task.tasks.{key}.num_fewshot", entry["num_fewshot"], low=0)
-        tasks.check_entry(key, entry, data_dir)
+        if check_sources:
+            tasks.check_entry(key, entry, data_dir)
+        elif entry["type"] not in tasks.TASK_TYPES:
+            raise QllmConfigError(f"task '{key}': unknown type '{entry['type']}'; valid: "
+                                  f"{', '.join(tasks.TASK_TYPES)}")
         _check_no_calibration_overlap(key, entry, calibration)
         entries[key] = entry
     return entries

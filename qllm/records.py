@@ -88,6 +88,7 @@ class Manifest(Record):
     python: str = ""
     device: str = ""
     workarounds: list = field(default_factory=list)
+    ranks: int = 1  # processes that made it (launch.quantize=torchrun: llmcompressor's distributed calibration)
     wall_s: dict = field(default_factory=dict)  # load, quantize, total
     profile: dict = field(default_factory=dict)  # memory peaks per phase of making it
     checkpoint_bytes: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -31,13 +32,14 @@ from . import config as _config
 from . import console, judging
 from .cell import Cell
 from .errors import QllmConfigError
-from .measure import cost_metrics, sizes
+from .measure import cost_metrics, profiling, sizes
 from .names import EVALUATE_STAGE_WALL, QUANTIZE_STAGE_WALL, Kind, Status, Tag
+from .plan import PlanSettings, plan_cell_memory
 from .planning import plan_cell
 from .records import EvalResult, QuantizeResult
 from .report import consistency
 from .stages import backends, runner
-from .stages.runner import StageTimeout, Terminated
+from .stages.runner import StageTimeout, Terminated, TimeLimit
 from .store import tracking
 
 
@@ -79,7 +81,9 @@ def _name(cfg: DictConfig, cell: Optional[Cell] = None) -> str:
 def _plan(cfg: DictConfig, job: Job) -> Optional[Cell]:
     """The planned cell, or None when it is invalid (recorded as skipped in a sweep; exit 2 for a single run)."""
     try:
-        return plan_cell(cfg)
+        cell = plan_cell(cfg)
+        _plan_memory(cfg, cell)  # qllm.plan: the cell's memory plan; refused like any invalid cell when it cannot fit
+        return cell
     except QllmConfigError as e:
         if not job.multirun:
             print(f"[qllm] invalid cell ({' '.join(job.overrides) or 'defaults'}): {e}", file=sys.stderr)
@@ -91,6 +95,25 @@ def _plan(cfg: DictConfig, job: Job) -> Optional[Cell]:
         tracking.record_skipped(name, str(e), {k.split(".")[0]: v for k, v in params.items()}, job.tags)
         print(f"[qllm] skipped {name}: {e}", flush=True)
         return None
+
+
+# ---- memory plan (qllm.plan): printed before each cell; plan.enforce refuses a cell that cannot fit ----
+
+
+def _plan_memory(cfg: DictConfig, cell: Cell) -> None:
+    settings = PlanSettings.of(OmegaConf.to_container(cfg.plan, resolve=True))
+    cluster = settings.cluster()  # a malformed plan.gpus is an invalid cell
+    try:
+        plan = plan_cell_memory(cell, settings, cluster)
+    except Exception as e:  # noqa: BLE001 - a model the planner cannot size, or its bug, never stops a valid cell
+        print(f"[qllm] memory plan unavailable: {e!r}", file=sys.stderr, flush=True)
+        return
+    print(f"[qllm] {plan.line()}", flush=True)
+    if settings.enforce and not plan.fits:
+        raise QllmConfigError(f"memory plan: {plan.refusal} (plan.enforce=false starts it anyway)")
+
+
+# ---- end of memory plan ----
 
 
 def _reuse(cfg: DictConfig, cell: Cell, job: Job, name: str) -> bool:
@@ -192,7 +215,9 @@ def _log_costs(cell: Cell, quant: Optional[QuantizeResult], results: EvalResult,
         mlflow.log_dict(stats, "size.json")
     profile_dir = workdir / "profile"
     for f in sorted(profile_dir.glob("profile_*.json")):
-        metrics |= cost_metrics.memory(json.loads(f.read_text()))
+        profile = json.loads(f.read_text())
+        metrics |= cost_metrics.memory(profile)
+        metrics |= cost_metrics.ranks(profile, profiling.rank_profiles(profile_dir, profile["stage"]))
     if results.speed:
         metrics |= cost_metrics.speed(results.speed)
         mlflow.set_tags(cost_metrics.speed_tags(results.speed) | {Tag.SPEED_REUSED: str(results.speed_reused).lower()})
@@ -241,8 +266,8 @@ def _execute(cfg: DictConfig, cell: Cell, job: Job, name: str) -> None:
         try:
             outcome = _stages(cfg, cell, workdir, port)
             mlflow.set_tag(Tag.STATUS, Status.FINISHED.value)
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): the stage's process group is gone
-            why = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (Terminated), SLURM's SIGUSR2: the stage's group is gone
+            why = str(e) if isinstance(e, TimeLimit) else "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
             mlflow.set_tags({Tag.STATUS: Status.KILLED.value, Tag.KILL_REASON: why})
             _log_stage_logs(workdir)
             mlflow.end_run("KILLED")
@@ -250,6 +275,8 @@ def _execute(cfg: DictConfig, cell: Cell, job: Job, name: str) -> None:
                 tracking.mark_sweep_killed(why)
             print(f"[qllm] {why}: run {run.info.run_id} marked KILLED; finished tasks are cached and a re-run "
                   "resumes with the missing ones", file=sys.stderr, flush=True)
+            if isinstance(e, TimeLimit):
+                e.hand_over()  # submitit: requeue (hydra.launcher.max_num_timeout) or give up
             raise
         except StageTimeout as e:  # this cell only: the sweep goes on
             _end_unfinished(Status.KILLED, {Tag.KILL_REASON: str(e), Tag.ERROR: str(e)}, e, workdir, name, job)
@@ -277,9 +304,12 @@ def _check_consistency(cfg: DictConfig, cell: Cell, run_id: str) -> None:
 
 
 def _handle_sigterm() -> None:
-    """SIGTERM as Ctrl-C, in whatever process runs the cell (the CLI, or a launcher's worker process)."""
+    """SIGTERM as Ctrl-C, in whatever process runs the cell (the CLI, or a launcher's worker process). In a SLURM job
+    submitted by submitit, also its SIGUSR2 before the time limit (then passed on to submitit: runner.TimeLimit)."""
     with contextlib.suppress(ValueError):  # not the main thread: the process's own handler stays
         signal.signal(signal.SIGTERM, runner.raise_terminated)
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            signal.signal(signal.SIGUSR2, runner.raise_time_limit_when(signal.getsignal(signal.SIGUSR2)))
 
 
 def run_cell(cfg: DictConfig) -> None:
@@ -300,6 +330,21 @@ def main(cfg: DictConfig) -> None:
     run_cell(cfg)
 
 
+def _end_local_jobs(grace_s: float = 90.0) -> None:
+    """SIGTERM to this sweep under hydra/launcher=submitit_local: pass it on to the job processes submitit started on
+    this machine (as SLURM signals every job at its time limit) and wait for them: each cell then ends its stage,
+    marks its run KILLED and keeps its finished tasks, exactly as a cell signalled by itself. (Ctrl-C in a terminal
+    reaches them already: they share its process group.)"""
+    import psutil
+
+    jobs = [p for p in psutil.Process().children()
+            if "submitit.local._local" in " ".join(p.cmdline())]  # submitit's per-job controller
+    for p in jobs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)  # it forwards the signal to the job's task process
+    psutil.wait_procs(jobs, timeout=grace_s)
+
+
 def cli() -> None:
     try:
         sys.argv[1:] = _config.rewrite_overrides(sys.argv[1:])
@@ -312,6 +357,8 @@ def cli() -> None:
         main()
     except KeyboardInterrupt as e:  # also between the cells of a sweep: its parent run is KILLED
         why = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        if isinstance(e, Terminated):
+            _end_local_jobs()
         with contextlib.suppress(Exception):  # the store may be unreachable: the exit status still says it
             tracking.mark_sweep_killed(why)
         raise SystemExit(128 + (signal.SIGTERM if why == "SIGTERM" else signal.SIGINT)) from None

@@ -50,7 +50,7 @@ def test_unknown_backend_or_launcher_lists_the_valid_ones():
 
     with pytest.raises(QllmConfigError, match="unknown evaluation backend 'vllm2'; valid: hf"):
         backends.get("vllm2")
-    with pytest.raises(QllmConfigError, match="unknown stage launcher 'slurmrun'; valid: local"):
+    with pytest.raises(QllmConfigError, match="unknown stage launcher 'slurmrun'; valid: accelerate, deepspeed, local, torchrun, vllm_multinode"):
         launchers.get("slurmrun")
 
 

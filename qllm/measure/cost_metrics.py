@@ -4,6 +4,9 @@
                                      cuda_max_allocated, cuda_max_reserved, device_used (NVML)
     mem/<stage>/<phase>/<what>_gb    one phase of it: load, quantize, save (quantize stage); load, evaluate,
                                      benchmark (evaluate stage)
+    mem/<stage>/rank<r>/<what>_gb    a stage run as several ranks (torchrun, accelerate): each rank's peaks;
+    mem/<stage>/max_rank/<what>_gb   the largest of them (what one device must hold), mem/<stage>/ranks the count,
+    mem/<stage>/ranks_total_rss_gb   and the ranks' RSS added up (what one host holds when they share it)
     size/...                         the evaluated checkpoint: params, bits per weight, bytes on disk / in memory
     quantize/...                     making the checkpoint (from its manifest: also when the checkpoint was reused)
     speed/bs<b>/<figure>             prefill/decode tokens/s, TTFT/TPOT ms: median, with _min/_max for the spread
@@ -27,6 +30,23 @@ def memory(profile: dict) -> dict[str, float]:
     for phase, info in profile.get("phases", {}).items():
         out.update({mem_metric(stage, k, phase): info[k] for k in MEMORY_KEYS if info.get(k) is not None})
         out[mem_metric(stage, "wall_s", phase)] = info["wall_s"]
+    return out
+
+
+def ranks(main: dict, others: list[dict]) -> dict[str, float]:
+    """Per-rank peaks and their maximum, for a stage that ran as several ranks (`others`: ranks 1.. as
+    profiling.rank_profiles reads them); nothing for a single process."""
+    if not others:
+        return {}
+    stage = main["stage"]
+    every = [main | {"rank": 0}, *others]
+    out: dict[str, float] = {mem_metric(stage, "ranks"): len(every),
+                             mem_metric(stage, "ranks_total_rss_gb"): sum(p["peak_rss_gb"] for p in every)}
+    for k in MEMORY_KEYS:
+        values = {p["rank"]: p[k] for p in every if p.get(k) is not None}
+        out.update({mem_metric(stage, k, f"rank{r}"): v for r, v in values.items()})
+        if values:
+            out[mem_metric(stage, k, "max_rank")] = max(values.values())
     return out
 
 

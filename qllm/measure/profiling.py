@@ -229,8 +229,21 @@ def plot_timeline(samples: list, marks: list[tuple[str, float, float]], title: s
 
 
 def for_stage(cell: Any, stage: str, out_dir: Optional[Path]) -> StageProfiler:
-    """The profiler a stage runs under, as the cell's `profile` settings ask (disabled without an out dir)."""
+    """The profiler a stage runs under, as the cell's `profile` settings ask (disabled without an out dir).
+    With several ranks each profiles itself: the main rank in `out_dir`, rank r in `out_dir/rank<r>` (its peaks
+    only, no timeline), so the orchestrator can log every rank's peak and the maximum (`rank_profiles`)."""
+    import os
+
     p = cell.profile
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if out_dir and rank:
+        out_dir = Path(out_dir) / f"rank{rank}"
     return StageProfiler(stage, out_dir or Path("."), enabled=bool(out_dir) and p["enabled"],
-                         timeline=p["memory_timeline"], sample_interval_s=p["sample_interval_s"],
-                         memory_snapshot=p["memory_snapshot"])
+                         timeline=p["memory_timeline"] and not rank, sample_interval_s=p["sample_interval_s"],
+                         memory_snapshot=p["memory_snapshot"] and not rank)
+
+
+def rank_profiles(profile_dir: Path, stage: str) -> list[dict]:
+    """The profiles of a stage's other ranks (rank 1, 2, ...), as `for_stage` wrote them."""
+    found = sorted(profile_dir.glob(f"rank*/profile_{stage}.json"), key=lambda f: int(f.parent.name[4:]))
+    return [json.loads(f.read_text()) | {"rank": int(f.parent.name[4:])} for f in found]

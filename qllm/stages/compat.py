@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+from typing import Any
 
 from packaging.version import Version
 
@@ -21,3 +23,68 @@ def awq_cpu_pin_memory() -> bool:
 
     IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None  # type: ignore[method-assign]
     return True
+
+
+def _llmcompressor_below(version: str) -> bool:
+    return Version(importlib.metadata.version("llmcompressor")) < Version(version)
+
+
+def calibration_shard(dataset: Any, rank: int, world_size: int) -> Any:
+    """llmcompressor <= 0.14, several ranks: give each rank its own share of the calibration samples.
+
+    Defect (datasets/utils.py, `format_calibration_data` -> `_make_sampler`): when every rank passes the same
+    dataset, the sampler is built over a *partitioned copy* (`dataset.select(range(start, end))`) but the DataLoader
+    iterates the full dataset with that sampler's indices 0..len(partition)-1, so every rank calibrates on the same
+    first 1/world_size of the samples: half the data, counted twice (measured: 2 ranks saw 8 distinct samples of
+    16; GPTQ's Hessians differed from one process's by up to 17%). Upstream note: build the DataLoader over the
+    partitioned dataset, not the original. Handing each rank a different dataset skips the library's partitioning
+    (`_is_dist_and_same_ds` is false), so the split is ours and equals the library's intended contiguous blocks.
+    Applied for every version (harmless where fixed): the shares are the library's own `_get_partition_start_end`."""
+    import math
+
+    start = math.floor(len(dataset) * rank / world_size)
+    end = math.floor(len(dataset) * (rank + 1) / world_size)
+    return dataset.select(range(start, end))
+
+
+def gptq_broadcast_unshared_cpu_modules() -> bool:
+    """llmcompressor <= 0.14, several ranks, a model held in each rank's own CPU memory (no offloading): broadcast
+    every quantized module's parameters from the rank that quantized it.
+
+    Defect (utils/dist.py `broadcast_qparams_and_cleanup(skip_cpu=True)`): modules whose execution device is the CPU
+    are not broadcast, which is right when compressed-tensors' distributed CPU offload keeps them in memory shared by
+    the ranks, and wrong for a plain CPU model: later layers then calibrate on other ranks' layers left unquantized
+    (measured: 1.5% of layer-2 weights one quantization step off a single process's). Upstream note: decide by
+    whether the module's storage is shared, not by its device. Returns True when the patch was applied."""
+    import functools
+
+    import torch
+
+    if torch.accelerator.is_available() or not _llmcompressor_below("0.15"):
+        return False
+    from llmcompressor.modifiers.gptq import base as gptq_base
+    from llmcompressor.modifiers.quantization.quantization import base as quant_base
+
+    dist_utils = importlib.import_module("llmcompressor.utils.dist")  # the package re-exports torch.distributed
+    fixed = functools.partial(dist_utils.broadcast_qparams_and_cleanup, skip_cpu=False)
+    gptq_base.broadcast_qparams_and_cleanup = fixed
+    quant_base.broadcast_qparams_and_cleanup = fixed
+    return True
+
+
+def init_distributed() -> str:
+    """Join the stage's process group (ranks started by torchrun/accelerate): compressed-tensors' `init_dist` where
+    there is an accelerator (nccl/xccl, device per local rank); gloo on a CPU-only machine, where `init_dist` fails
+    (`torch.accelerator.current_accelerator()` is None there). Returns the backend."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_backend()
+    if torch.accelerator.is_available():
+        from compressed_tensors.distributed import init_dist
+
+        init_dist()
+    else:
+        dist.init_process_group(backend="gloo", init_method="env://")
+    return dist.get_backend()

@@ -194,7 +194,7 @@ def evaluate(cell: Cell, model_path: Optional[str], out_dir: Path, force: bool =
     measure_speed = bool(cell.speed_key) and speed_hit is None
     speed = speed_hit.speed if speed_hit else None
     load_s = 0.0
-    with profiling.for_stage(cell, "evaluate", profile_dir if process.is_main() else None) as prof:
+    with profiling.for_stage(cell, "evaluate", profile_dir) as prof:
         if todo or measure_speed:
             with prof.phase("load"):
                 t_load = time.perf_counter()

@@ -3,7 +3,10 @@
 Runs in its own process (`python -m qllm.stages.quantize --cell cell.json --out quantize.json`, under the stage's
 launcher). The checkpoint is written to a temp dir beside its final place and renamed into place when complete, with
 a manifest (config, versions, wall time, sizes, checksums): a killed job never leaves a directory that looks done.
-With several ranks, every rank quantizes (collectives) and the main rank alone saves and reports.
+With several ranks (launch.quantize=torchrun), every rank joins the process group, calibrates on its share of the
+samples and runs llmcompressor's collectives; the main rank alone saves and reports. On GPUs the model is loaded
+through compressed-tensors' `load_offloaded_model` (rank 0 reads the weights, the others share them), the library's
+documented distributed recipe; on CPU each rank holds its own copy.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def quantize(cell: Cell, force: bool = False, profile_dir: Path | None = None) -
                 moved = cache.quarantine(out)
                 print(f"[qllm] quantize: cached checkpoint {out.name} failed its integrity check ({problem}); "
                       f"moved aside to {moved.name}, quantizing again", flush=True)
-        with profiling.for_stage(cell, "quantize", profile_dir if process.is_main() else None) as prof:
+        with profiling.for_stage(cell, "quantize", profile_dir) as prof:
             return QuantizeResult(str(out), _quantize(cell, out, force, prof), reused=False)
 
 
@@ -49,20 +52,38 @@ def _load(cell: Cell) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..sources import models
-
-    source = models.prepare(cell.model, cell.data_dir, cell.cache_dir)
+    source = _prepared_source(cell)
     trust = bool(cell.model.get("trust_remote_code"))
     rev = cell.model["revision"] if cell.model["source"] == "hub" else None
     tokenizer = AutoTokenizer.from_pretrained(source, revision=rev, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=rev, dtype=getattr(torch, cell.model["dtype"]), trust_remote_code=trust
-    )
-    return model, tokenizer
+    kwargs: dict = dict(revision=rev, dtype=getattr(torch, cell.model["dtype"]), trust_remote_code=trust)
+    if process.world_size() > 1 and torch.accelerator.is_available():
+        from compressed_tensors.offload import load_offloaded_model
+
+        with load_offloaded_model():
+            return AutoModelForCausalLM.from_pretrained(source, device_map="auto_offload", **kwargs), tokenizer
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs), tokenizer
 
 
-def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, bool]:
-    """Calibration data + llmcompressor's oneshot; (calibration tokens, samples, whether a workaround was used)."""
+def _prepared_source(cell: Cell) -> str:
+    """The model's local dir, made once: with several ranks the main rank converts/creates it (a GGUF or a random
+    model), the others wait at a barrier and then read it."""
+    from ..sources import models
+
+    if process.world_size() == 1:
+        return models.prepare(cell.model, cell.data_dir, cell.cache_dir)
+    import torch.distributed as dist
+
+    if process.is_main():
+        source = models.prepare(cell.model, cell.data_dir, cell.cache_dir)
+    dist.barrier()
+    if not process.is_main():
+        source = models.prepare(cell.model, cell.data_dir, cell.cache_dir)
+    return source
+
+
+def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, list[str]]:
+    """Calibration data + llmcompressor's oneshot; (calibration tokens, samples, the workarounds used)."""
     from llmcompressor import oneshot
 
     from . import compat
@@ -70,19 +91,32 @@ def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, bool]:
 
     kwargs: dict = {}
     n_tokens = n_samples = 0
+    workarounds = []
     if cell.calibration:
         ds = calibration_dataset(cell.calibration, tokenizer, cell.data_dir)
-        n_tokens, n_samples = sum(len(r) for r in ds["input_ids"]), len(ds)
+        n_tokens, n_samples = sum(len(r) for r in ds["input_ids"]), len(ds)  # all ranks' samples together
+        if process.world_size() > 1:
+            ds = compat.calibration_shard(ds, process.rank(), process.world_size())
+            workarounds.append("calibration samples split across ranks by qllm (llmcompressor's own split "
+                               "feeds every rank the same samples)")
         kwargs = dict(dataset=ds, num_calibration_samples=len(ds), max_seq_length=cell.calibration["max_seq_len"])
-    patched = "AWQModifier" in cell.recipe["quant_stage"]["quant_modifiers"] and compat.awq_cpu_pin_memory()
+    if "AWQModifier" in cell.recipe["quant_stage"]["quant_modifiers"] and compat.awq_cpu_pin_memory():
+        workarounds.append("llmcompressor AWQ pin_memory on CPU skipped")
+    if process.world_size() > 1 and compat.gptq_broadcast_unshared_cpu_modules():
+        workarounds.append("llmcompressor broadcasts CPU modules' quantized weights across ranks")
     oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
-    return n_tokens, n_samples, patched
+    return n_tokens, n_samples, workarounds
 
 
 def _quantize(cell: Cell, out: Path, force: bool, prof: profiling.StageProfiler) -> Manifest:
     import torch
 
     torch.manual_seed(cell.seed)
+    if process.world_size() > 1:
+        from . import compat
+
+        print(f"[qllm] quantize: rank {process.rank()} of {process.world_size()} joined the process group "
+              f"({compat.init_distributed()})", flush=True)
     t0 = time.perf_counter()
     with prof.phase("load"):
         model, tokenizer = _load(cell)
@@ -90,16 +124,22 @@ def _quantize(cell: Cell, out: Path, force: bool, prof: profiling.StageProfiler)
     print(f"[qllm] quantize: {cell.name} ({cell.scheme}) ...", flush=True)
     t1 = time.perf_counter()
     with prof.phase("quantize"):  # calibration data + oneshot: the cost of making this checkpoint
-        n_tokens, n_samples, patched = _oneshot(cell, model, tokenizer)
+        n_tokens, n_samples, workarounds = _oneshot(cell, model, tokenizer)
     t_quant = time.perf_counter() - t1
     manifest = Manifest(
         cell_quant_key=cell.quant_key, model=cell.model, method=cell.method, bits=cell.bits, scheme=cell.scheme,
         recipe=cell.recipe, calibration=cell.calibration, calibration_tokens=n_tokens, calibration_samples=n_samples,
         versions=cell.quant_versions, python=platform.python_version(),
         device="cuda" if torch.cuda.is_available() else "cpu",
-        workarounds=["llmcompressor AWQ pin_memory on CPU skipped"] if patched else [],
+        workarounds=workarounds, ranks=process.world_size(),
     )
     if not process.is_main():
+        # compressing for the save is collective in llmcompressor (compressed-tensors splits the modules across the
+        # ranks); only the main rank writes files, the others take part and write nowhere that lasts
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="qllm-rank-save-") as scratch:
+            model.save_pretrained(scratch, save_compressed=True)
         return manifest
     tmp = cache.temp_dir(out)
     try:

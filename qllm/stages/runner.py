@@ -31,6 +31,7 @@ from typing import Optional
 from ..cell import Cell
 from ..records import EvalResult, QuantizeResult
 from . import backends, process
+from .backends import _deepspeed_tp as deepspeed_tp
 from .launchers import LaunchContext
 from .launchers import get as get_launcher
 
@@ -63,6 +64,27 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(f"signal {signal.Signals(signum).name}")
+
+
+class TimeLimit(Terminated):
+    """SIGUSR2 from SLURM (submitit's `--signal=USR2@<signal_delay_s>`) before the job's time limit: handled like
+    SIGTERM, then handed to submitit's own handler (`hand_over`), which requeues the job when
+    hydra.launcher.max_num_timeout allows it (the re-run resumes from the cache)."""
+
+    def __init__(self, previous: object, signum: int):
+        super().__init__("SIGUSR2 (SLURM time limit)")
+        self.previous, self.signum = previous, signum
+
+    def hand_over(self) -> None:
+        if callable(self.previous):
+            self.previous(self.signum, None)
+
+
+def raise_time_limit_when(previous: object) -> object:
+    """A SIGUSR2 handler raising TimeLimit that remembers submitit's `previous` one."""
+    def handler(signum: int, frame: object) -> None:
+        raise TimeLimit(previous, signum)
+    return handler
 
 
 def last_traceback(log: Path, max_chars: int = 50_000) -> str:
@@ -119,7 +141,8 @@ def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[st
     (workdir / f"launch_{stage}.sh").write_text(_script(cmd, added))  # rerun a stage by hand: the exact command
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": str(port),
-           "QLLM_RENDEZVOUS_PORT": str(port), process.ORCHESTRATOR_PID: str(os.getpid()), **added}
+           "QLLM_RENDEZVOUS_PORT": str(port), process.ORCHESTRATOR_PID: str(os.getpid()),
+           **deepspeed_tp.quiet_env(), **added}
     log = workdir / f"{stage}.log"
     tail: collections.deque[bytes] = collections.deque(maxlen=40)
     timeout: Optional[float] = launch.get("timeout_s")

