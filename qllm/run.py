@@ -337,8 +337,11 @@ def _end_local_jobs(grace_s: float = 90.0) -> None:
     reaches them already: they share its process group.)"""
     import psutil
 
-    jobs = [p for p in psutil.Process().children()
-            if "submitit.local._local" in " ".join(p.cmdline())]  # submitit's per-job controller
+    jobs = []
+    for p in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):  # a child that just ended
+            if "submitit.local._local" in " ".join(p.cmdline()):  # submitit's per-job controller
+                jobs.append(p)
     for p in jobs:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)  # it forwards the signal to the job's task process

@@ -52,7 +52,8 @@ CTX = LaunchContext(python="/venv/bin/python", port=29581, workdir=Path("/w"))
 
 
 def _cfg(method: str = "gptq", backend: str = "hf", speed: bool = False) -> dict:
-    return {"method": {"name": method}, "eval": {"backend": backend}, "profile": {"speed": speed}}
+    return {"method": {"name": method, "bits_allowed": [] if method == "none" else [4, 8]},
+            "eval": {"backend": backend}, "profile": {"speed": speed}}
 
 
 def _settings(name: str, **changes) -> dict:
@@ -88,7 +89,7 @@ def test_torchrun_takes_gptq_anywhere_and_awq_where_there_are_gpus(monkeypatch):
     from qllm.stages.launchers import torchrun
 
     monkeypatch.setattr(torchrun, "visible_gpus", lambda: 8)
-    for method in ("gptq", "awq"):
+    for method in ("gptq", "awq", "none"):  # none: the baseline has no quantize stage (a sweep keeps it)
         torchrun.LAUNCHER().validate(_settings("torchrun"), "quantize", _cfg(method))
     with pytest.raises(QllmConfigError, match="needs launch.quantize.rdzv_endpoint"):
         torchrun.LAUNCHER().validate(_settings("torchrun", nnodes=2), "quantize", _cfg())

@@ -54,7 +54,7 @@ class TorchrunLauncher:
         if settings["nnodes"] > 1 and not settings["rdzv_endpoint"]:
             raise QllmConfigError(f"launch.{stage}.nnodes={settings['nnodes']} needs launch.{stage}.rdzv_endpoint="
                                   "<host:port of the first node> (every node must meet at the same address)")
-        if stage == "quantize":
+        if stage == "quantize" and cfg["method"].get("bits_allowed"):  # the baseline has no quantize stage
             method = cfg["method"]["name"]
             runs, why = SUPPORT.get(method, ("no", "not known to llmcompressor's distributed path"))
             if runs == "gpu" and not visible_gpus():
