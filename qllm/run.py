@@ -3,14 +3,14 @@
 The Hydra job is the orchestrator: it plans the cell (validation, no weights), reuses it when it already finished,
 runs the quantize and evaluate stages in their own processes under their launchers, and logs everything to MLflow.
 It imports no torch itself. Ctrl-C and SIGTERM end the running stage's whole process group and mark the cell (and
-its sweep) KILLED; a stage past its `timeout_s` is ended and its cell KILLED while the sweep goes on.
+its sweep) KILLED; a stage past its `timeout_s` is ended and its cell KILLED while the sweep goes on, and so is a
+cell at its SLURM time limit (SIGUSR2 under submitit), whose job submitit then requeues.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sys
@@ -248,6 +248,22 @@ def _end_unfinished(status: Status, tags: dict, e: BaseException, workdir: Path,
         raise SystemExit(1) from None
 
 
+def _end_killed(e: KeyboardInterrupt, workdir: Path, job: Job, run_id: str) -> None:
+    """The running cell's run KILLED, with why. Ctrl-C or SIGTERM end the sweep too (its parent run KILLED); SLURM's
+    time limit (TimeLimit) ends this job only, which submitit then requeues or gives up (`hand_over`): the sweep's
+    other jobs go on, so its parent run stays as it is."""
+    why = str(e) if isinstance(e, TimeLimit) else "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+    mlflow.set_tags({Tag.STATUS: Status.KILLED.value, Tag.KILL_REASON: why})
+    _log_stage_logs(workdir)
+    mlflow.end_run("KILLED")
+    if job.multirun and not isinstance(e, TimeLimit):
+        tracking.mark_sweep_killed(why)
+    print(f"[qllm] {why}: run {run_id} marked KILLED; finished tasks are cached and a re-run resumes with the "
+          "missing ones", file=sys.stderr, flush=True)
+    if isinstance(e, TimeLimit):
+        e.hand_over()  # submitit: requeue (hydra.launcher.max_num_timeout) or give up
+
+
 def _execute(cfg: DictConfig, cell: Cell, job: Job, name: str) -> None:
     """One MLflow run for the cell: its stages, and what ended it (finished, failed, killed)."""
     workdir = Path(HydraConfig.get().runtime.output_dir) / "stages"
@@ -259,24 +275,15 @@ def _execute(cfg: DictConfig, cell: Cell, job: Job, name: str) -> None:
     tags = {**job.tags, Tag.RENDEZVOUS_PORT: str(port),
             Tag.STAGE_LAUNCHERS: ",".join(f"{s}={cfg.launch[s].name}" for s in _config.STAGES)}
     with mlflow.start_run(run_name=name, parent_run_id=job.parent, tags=tags, log_system_metrics=system_metrics) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in
-                           (tracking.cell_params(cell, cfg.task.name) | judging.params(cell)).items()})
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        mlflow.log_text(cell.to_json(), "cell.json")
-        try:
+        try:  # from the run's first logging on: a signal at any point marks it KILLED (not FAILED by start_run)
+            mlflow.log_params({k: str(v)[:500] for k, v in
+                               (tracking.cell_params(cell, cfg.task.name) | judging.params(cell)).items()})
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            mlflow.log_text(cell.to_json(), "cell.json")
             outcome = _stages(cfg, cell, workdir, port)
             mlflow.set_tag(Tag.STATUS, Status.FINISHED.value)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (Terminated), SLURM's SIGUSR2: the stage's group is gone
-            why = str(e) if isinstance(e, TimeLimit) else "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-            mlflow.set_tags({Tag.STATUS: Status.KILLED.value, Tag.KILL_REASON: why})
-            _log_stage_logs(workdir)
-            mlflow.end_run("KILLED")
-            if job.multirun:
-                tracking.mark_sweep_killed(why)
-            print(f"[qllm] {why}: run {run.info.run_id} marked KILLED; finished tasks are cached and a re-run "
-                  "resumes with the missing ones", file=sys.stderr, flush=True)
-            if isinstance(e, TimeLimit):
-                e.hand_over()  # submitit: requeue (hydra.launcher.max_num_timeout) or give up
+            _end_killed(e, workdir, job, run.info.run_id)
             raise
         except StageTimeout as e:  # this cell only: the sweep goes on
             _end_unfinished(Status.KILLED, {Tag.KILL_REASON: str(e), Tag.ERROR: str(e)}, e, workdir, name, job)
@@ -308,12 +315,24 @@ def _handle_sigterm() -> None:
     submitted by submitit, also its SIGUSR2 before the time limit (then passed on to submitit: runner.TimeLimit)."""
     with contextlib.suppress(ValueError):  # not the main thread: the process's own handler stays
         signal.signal(signal.SIGTERM, runner.raise_terminated)
-        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        if runner.time_limit_signalled():
             signal.signal(signal.SIGUSR2, runner.raise_time_limit_when(signal.getsignal(signal.SIGUSR2)))
 
 
 def run_cell(cfg: DictConfig) -> None:
+    usr2 = signal.getsignal(signal.SIGUSR2)
     _handle_sigterm()
+    try:
+        _run_cell(cfg)
+    except TimeLimit as e:  # also outside a cell's stages (planning, reuse, the summary): submitit must requeue
+        e.hand_over()  # once: a no-op when the cell's run handed it over already
+        raise
+    finally:  # after the cell, SIGUSR2 reaches submitit's handler itself (not a TimeLimit raised in Hydra's code)
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread; a handler not set from Python
+            signal.signal(signal.SIGUSR2, usr2)
+
+
+def _run_cell(cfg: DictConfig) -> None:
     job = Job.start()
     cell = _plan(cfg, job)
     if cell is None:

@@ -228,14 +228,12 @@ def plot_timeline(samples: list, marks: list[tuple[str, float, float]], title: s
     plt.close(fig)
 
 
-def for_stage(cell: Any, stage: str, out_dir: Optional[Path]) -> StageProfiler:
+def for_stage(cell: Any, stage: str, out_dir: Optional[Path], *, rank: int) -> StageProfiler:
     """The profiler a stage runs under, as the cell's `profile` settings ask (disabled without an out dir).
     With several ranks each profiles itself: the main rank in `out_dir`, rank r in `out_dir/rank<r>` (its peaks
-    only, no timeline), so the orchestrator can log every rank's peak and the maximum (`rank_profiles`)."""
-    import os
-
+    only, no timeline), so the orchestrator can log every rank's peak and the maximum (`rank_profiles`). The stage
+    passes its `rank` (qllm.stages.process.rank(): this package imports nothing from qllm.stages)."""
     p = cell.profile
-    rank = int(os.environ.get("RANK", "0") or 0)
     if out_dir and rank:
         out_dir = Path(out_dir) / f"rank{rank}"
     return StageProfiler(stage, out_dir or Path("."), enabled=bool(out_dir) and p["enabled"],

@@ -5,17 +5,21 @@ Runs in its own process (`python -m qllm.stages.evaluate --cell cell.json --mode
 stage's launcher). The cell's evaluation backend (qllm.stages.backends) loads the model once as an lm-eval LM; each
 task is evaluated with its own shots and limit, since lm-eval takes one of each per call. Every finished task and
 the speed benchmark are cached as soon as they finish, so an interrupted cell resumes with what is missing.
-With several ranks, lm-eval splits the requests and the main rank alone writes results, cache entries and profiles.
+With several ranks (data parallel: lm-eval splits the requests; DeepSpeed AutoTP: every rank runs every request on
+its shard of one model) the main rank alone writes results, per-sample files and cache entries; every rank writes
+its own memory profile (the main rank's in the profile dir, rank r's in `<profile dir>/rank<r>/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ..cell import Cell
 from ..measure import profiling
@@ -99,7 +103,7 @@ def _reuse_tasks(cell: Cell, hits: dict[str, CachedEval], weights: _Weights, out
         assert hit.summary is not None
         hit.summary.reused = True
         per_task[key] = hit.summary
-        for name in CACHED_FILES:
+        for name in CACHED_FILES if process.is_main() else ():  # into the main rank's output only
             if (entry / name).is_file() and (name != "samples.jsonl" or cell.eval["log_samples"]):
                 shutil.copyfile(entry / name, out_dir / f"{name[:-6]}_{key}.jsonl")
     return per_task
@@ -113,7 +117,7 @@ def _run_tasks(cell: Cell, backend: EvalBackend, lm: Any, todo: list[str], out_d
     per_task = {}
     for key in todo:
         per_task[key] = _evaluate_task(cell, backend, lm, key, out_dir)
-        if key == todo[0]:
+        if key == todo[0]:  # on every rank: under AutoTP the layer's forward is a collective (only the main writes it)
             weights.measure(backend, lm, cell.group_size)
         files = {name: out_dir / f"{name[:-6]}_{key}.jsonl" for name in CACHED_FILES
                  if (out_dir / f"{name[:-6]}_{key}.jsonl").is_file()}
@@ -142,8 +146,9 @@ def _evaluate_task(cell: Cell, backend: EvalBackend, lm: Any, key: str, out_dir:
     ev, entry = cell.eval, cell.tasks[key]
     if entry.get("runner"):  # a task lm-eval does not run (MT-Bench): its own function, through the same LM
         print(f"[qllm] evaluate: {key} (limit {entry['limit']}) ...", flush=True)
-        return spec.runner_of(entry)(lm, entry, data_dir=cell.data_dir, seed=ev["seed"], model_id=cell.name,
-                                     out_dir=out_dir, key=key)
+        with _rank_out_dir(out_dir) as rank_out:
+            return spec.runner_of(entry)(lm, entry, data_dir=cell.data_dir, seed=ev["seed"], model_id=cell.name,
+                                         out_dir=rank_out, key=key)
     print(f"[qllm] evaluate: {key} ({entry['num_fewshot']}-shot, limit {entry['limit']}) ...", flush=True)
     t = time.perf_counter()
     task, top = spec.lm_eval_spec(entry, backend.tokenizer(lm))
@@ -168,13 +173,32 @@ def _evaluate_task(cell: Cell, backend: EvalBackend, lm: Any, key: str, out_dir:
     records = results.per_sample_records(res, spec.difficulty_of(entry))
     summary.by_difficulty = results.by_difficulty(records, entry["metric"])
     summary.wall_s = round(time.perf_counter() - t, 2)
+    _write_samples(out_dir, key, records, res["samples"] if ev["log_samples"] else None)
+    return summary
+
+
+def _write_samples(out_dir: Path, key: str, records: list[dict], samples: Optional[dict]) -> None:
+    """A task's per-sample records (and lm-eval's full samples), from the main rank only: under AutoTP every rank
+    has the results (each ran every request) and would write the same files."""
+    if not process.is_main():
+        return
     with open(out_dir / f"per_sample_{key}.jsonl", "w") as f:
         f.writelines(json.dumps(r, default=str) + "\n" for r in records)
-    if ev["log_samples"]:
+    if samples is not None:
         with open(out_dir / f"samples_{key}.jsonl", "w") as f:
-            for leaf_samples in res["samples"].values():
+            for leaf_samples in samples.values():
                 f.writelines(json.dumps(x, default=str) + "\n" for x in leaf_samples)
-    return summary
+
+
+@contextlib.contextmanager
+def _rank_out_dir(out_dir: Path) -> Iterator[Path]:
+    """Where a task runner writes its files: `out_dir` on the main rank, a scratch dir (removed after) on the others,
+    which run the task too (under AutoTP every rank runs every request) and must not write the same files."""
+    if process.is_main():
+        yield out_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="qllm-rank-eval-") as scratch:
+        yield Path(scratch)
 
 
 def evaluate(cell: Cell, model_path: Optional[str], out_dir: Path, force: bool = False,
@@ -194,7 +218,7 @@ def evaluate(cell: Cell, model_path: Optional[str], out_dir: Path, force: bool =
     measure_speed = bool(cell.speed_key) and speed_hit is None
     speed = speed_hit.speed if speed_hit else None
     load_s = 0.0
-    with profiling.for_stage(cell, "evaluate", profile_dir) as prof:
+    with profiling.for_stage(cell, "evaluate", profile_dir, rank=process.rank()) as prof:
         if todo or measure_speed:
             with prof.phase("load"):
                 t_load = time.perf_counter()

@@ -1,8 +1,9 @@
 """What every stage process does, whatever launched it: know its rank, and never outlive the orchestrator.
 
 - Rank: distributed launchers (torchrun, accelerate, deepspeed) set RANK (and LOCAL_RANK, WORLD_SIZE) in each process
-  they start; a plain process is rank 0 of 1. Only the main rank writes results, profiles and cache entries: every
-  rank runs the stage's collective work, one reports it.
+  they start; a plain process is rank 0 of 1. Only the main rank writes results, checkpoints and cache entries:
+  every rank runs the stage's collective work, one reports it. Every rank writes its own memory profile (the main
+  rank's `profile_<stage>.json` in the profile dir, rank r's in `<profile dir>/rank<r>/`: qllm.measure.profiling).
 - Orphans: the orchestrator starts each stage in a process group of its own and ends that group on Ctrl-C, SIGTERM
   or a timeout. Should the orchestrator itself die without doing so (SIGKILL, the OOM killer), a watchdog thread in
   every stage process sees it gone and ends the stage's group (QLLM_ORCHESTRATOR_PID, set by qllm.stages.runner).

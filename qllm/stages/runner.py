@@ -8,6 +8,8 @@ sequential sweep, and lets a stage run under a distributed launcher. What every 
 - Ctrl-C (KeyboardInterrupt), SIGTERM (qllm.run turns it into `Terminated`) or `timeout_s` end that whole group:
   SIGTERM first, SIGKILL after a grace period; a stage is never left running behind the orchestrator. Should the
   orchestrator itself die (SIGKILL, the OOM killer), the stage's watchdog ends the group (qllm.stages.process);
+- in a SLURM job submitted by submitit the stage ignores SIGUSR2 (SLURM sends it to every process of the job step
+  before the time limit): the orchestrator alone reacts, ending the group as above (qllm.run, TimeLimit);
 - output is streamed through unchanged (progress bars keep working) and kept in `<stage>.log`;
 - the cell's rendezvous port is in the environment (MASTER_PORT, QLLM_RENDEZVOUS_PORT) and in `{port}`.
 """
@@ -31,9 +33,9 @@ from typing import Optional
 from ..cell import Cell
 from ..records import EvalResult, QuantizeResult
 from . import backends, process
-from .backends import _deepspeed_tp as deepspeed_tp
 from .launchers import LaunchContext
 from .launchers import get as get_launcher
+from .launchers.deepspeed import quiet_env
 
 GRACE_S = 10.0  # SIGTERM -> SIGKILL
 
@@ -76,15 +78,34 @@ class TimeLimit(Terminated):
         self.previous, self.signum = previous, signum
 
     def hand_over(self) -> None:
-        if callable(self.previous):
-            self.previous(self.signum, None)
+        """Call submitit's handler, once (the cell's handler and qllm.run.run_cell's may both get here)."""
+        previous, self.previous = self.previous, None
+        if callable(previous):
+            previous(self.signum, None)
 
 
 def raise_time_limit_when(previous: object) -> object:
-    """A SIGUSR2 handler raising TimeLimit that remembers submitit's `previous` one."""
+    """A SIGUSR2 handler raising TimeLimit that remembers submitit's `previous` one (never one of these: installed
+    twice, it would hand the signal over to itself)."""
+    previous = getattr(previous, "qllm_previous", previous)
+
     def handler(signum: int, frame: object) -> None:
         raise TimeLimit(previous, signum)
+    handler.qllm_previous = previous  # type: ignore[attr-defined]
     return handler
+
+
+def time_limit_signalled() -> bool:
+    """Whether this is a SLURM job submitted by submitit, whose time limit comes as SIGUSR2 to every process of the
+    job step (`--signal=USR2@<signal_delay_s>`): the orchestrator then handles it, and its stages ignore it."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def _ignoring_time_limit(cmd: list[str]) -> list[str]:
+    """`cmd` started with SIGUSR2 ignored, a disposition exec keeps and every process of the stage inherits: SLURM's
+    SIGUSR2 would otherwise end each stage process on its own (the default action) while the orchestrator ends the
+    stage's group in order (SIGTERM, then SIGKILL) and marks the cell."""
+    return ["/bin/sh", "-c", 'trap "" USR2; exec "$@"', "sh", *cmd]
 
 
 def last_traceback(log: Path, max_chars: int = 50_000) -> str:
@@ -142,12 +163,13 @@ def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[st
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": str(port),
            "QLLM_RENDEZVOUS_PORT": str(port), process.ORCHESTRATOR_PID: str(os.getpid()),
-           **deepspeed_tp.quiet_env(), **added}
+           **quiet_env(), **added}
     log = workdir / f"{stage}.log"
     tail: collections.deque[bytes] = collections.deque(maxlen=40)
     timeout: Optional[float] = launch.get("timeout_s")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    started = _ignoring_time_limit(cmd) if time_limit_signalled() else cmd
+    proc = subprocess.Popen(started, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     pump = threading.Thread(target=_pump, args=(proc, log, tail), name=f"qllm-{stage}-output", daemon=True)
     pump.start()
     try:

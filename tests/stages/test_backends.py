@@ -67,6 +67,22 @@ def test_a_gpu_that_is_not_there_is_refused_at_planning():
         hf.validate({"device": "cuda"}, {}, Scheme(), lambda: None)
 
 
+@pytest.mark.parametrize("seen, device, message", [
+    (None, "cuda", r"eval.device='cuda', but no NVIDIA GPU is visible here .*valid here: auto, cpu"),
+    (0, "cuda", r"eval.device='cuda', but this process sees 0 GPU\(s\): valid: auto, cpu$"),
+    (2, "cuda:2", r"eval.device='cuda:2', but this process sees 2 GPU\(s\): valid: auto, cpu, cuda, cuda:0, cuda:1"),
+])
+def test_hf_counts_gpus_as_the_launchers_do(monkeypatch, seen, device, message):
+    """launchers.visible_gpus (NVML narrowed by CUDA_VISIBLE_DEVICES) is the one GPU count planning uses."""
+    from qllm.stages.backends import hf
+
+    monkeypatch.setattr(hf, "visible_gpus", lambda: seen)
+    with pytest.raises(QllmConfigError, match=message):
+        backends.get("hf").validate({"device": device}, {}, Scheme(), lambda: None)
+    if seen:
+        backends.get("hf").validate({"device": f"cuda:{seen - 1}"}, {}, Scheme(), lambda: None)
+
+
 def test_hf_backend_loads_fingerprints_and_times_the_model(data_dir, cache_dir):
     from qllm.sources.models import prepare
 

@@ -10,7 +10,6 @@ import pytest
 
 from qllm.errors import QllmConfigError
 from qllm.stages import launchers
-from qllm.stages.backends import _deepspeed_tp
 from qllm.stages.launchers import LaunchContext
 from qllm.stages.launchers import deepspeed as ds_launcher
 
@@ -18,6 +17,12 @@ CTX = LaunchContext(python="/venv/bin/python", port=29577, workdir=Path("/w"))
 BASE = {"name": "deepspeed", "timeout_s": None, "nproc": 4, "num_nodes": 1, "hostfile": None,
         "multinode_launcher": "slurm", "master_addr": None, "autotp": True}
 GPU_CELL = {"eval": {"backend": "hf", "device": "auto"}}
+
+
+@pytest.fixture(autouse=True)
+def _no_visible_devices_list(monkeypatch):
+    """The commands below are those of a node whose CUDA_VISIBLE_DEVICES is unset unless a test sets it."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
 def test_single_node_command_and_env():
@@ -49,6 +54,45 @@ def test_command_parses_with_deepspeeds_own_cli():
     args = runner.parse_args(cmd[3:])
     assert (args.num_gpus, args.master_port, args.module, args.no_local_rank) == (4, 29577, True, True)
     assert args.user_script == "qllm.stages.evaluate" and args.user_args == ["--cell", "c.json", "--force"]
+
+
+def test_cuda_visible_devices_become_an_include_list(monkeypatch):
+    """`--num_gpus N` makes DeepSpeed take GPUs 0..N-1 and drop CUDA_VISIBLE_DEVICES: on one node the GPUs it lists
+    are named instead (its first N), and DeepSpeed's own parser and resource filter take them."""
+    runner = pytest.importorskip("deepspeed.launcher.runner")
+    ds = launchers.get("deepspeed")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3,5,7")
+    cmd = ds.command({**BASE, "nproc": 2}, "qllm.stages.evaluate", ["--cell", "c.json"], CTX)
+    assert cmd[3:] == ["--include", "localhost:2,3", "--master_port", "29577", "--no_local_rank", "--module",
+                       "qllm.stages.evaluate", "--cell", "c.json"]
+    args = runner.parse_args(cmd[3:])
+    assert (args.include, args.num_gpus, args.num_nodes) == ("localhost:2,3", -1, -1)  # not both: DeepSpeed refuses
+    assert runner.parse_inclusion_exclusion({"localhost": 8}, args.include, "") == {"localhost": [2, 3]}
+    assert ds.ranks({**BASE, "nproc": 2}) == 2 and ds.env({**BASE, "nproc": 2}, CTX)["QLLM_AUTOTP"] == "2"
+
+
+def test_with_a_hostfile_gpus_are_counted(monkeypatch, tmp_path):
+    """With a hostfile DeepSpeed ignores CUDA_VISIBLE_DEVICES (its slots say which GPUs): --num_gpus stays."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-0 slots=8\nnode-1 slots=8\n")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    settings = {**BASE, "nproc": 8, "num_nodes": 2, "hostfile": str(hostfile)}
+    cmd = launchers.get("deepspeed").command(settings, "qllm.stages.evaluate", [], CTX)
+    assert "--include" not in cmd and cmd[cmd.index("--num_gpus") + 1] == "8"
+    monkeypatch.setattr(ds_launcher, "_gpus_visible", lambda: 2)
+    launchers.get("deepspeed").validate(settings, "evaluate", GPU_CELL)  # other nodes' GPUs: not this node's list
+
+
+@pytest.mark.parametrize("visible, message", [
+    ("0", r"launch.evaluate.nproc=4: DeepSpeed tensor parallelism needs one GPU per rank, and "
+          r"CUDA_VISIBLE_DEVICES='0' lists 1; valid: nproc <= 1"),
+    ("GPU-5d2c,GPU-77aa", r"CUDA_VISIBLE_DEVICES='GPU-5d2c,GPU-77aa' does not name GPUs by index"),
+])
+def test_refuses_a_visible_devices_list_it_cannot_include(monkeypatch, visible, message):
+    monkeypatch.setattr(ds_launcher, "_gpus_visible", lambda: None)  # even where NVML cannot tell
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(QllmConfigError, match=message):
+        launchers.get("deepspeed").validate(BASE, "evaluate", GPU_CELL)
 
 
 @pytest.mark.parametrize("stage, settings, cfg, message", [
@@ -94,12 +138,16 @@ def test_planning_refuses_deepspeed_on_this_cpu_machine():
 
 
 def test_quiet_env_only_where_there_is_no_gpu(monkeypatch):
-    assert _deepspeed_tp.quiet_env({"DS_ACCELERATOR": "cuda"}) == {}
-    monkeypatch.setattr(_deepspeed_tp.os.path, "exists", lambda p: False)
-    assert _deepspeed_tp.quiet_env({}) == {"DS_ACCELERATOR": "cpu"}
-    monkeypatch.setattr(_deepspeed_tp.os.path, "exists", lambda p: p == "/dev/nvidia0")
-    assert _deepspeed_tp.quiet_env({}) == {}
-    assert _deepspeed_tp.quiet_env({"CUDA_VISIBLE_DEVICES": ""}) == {"DS_ACCELERATOR": "cpu"}
+    import os
+
+    assert ds_launcher.quiet_env({"DS_ACCELERATOR": "cuda"}) == {}
+    monkeypatch.setattr(os.path, "exists", lambda p: False)
+    assert ds_launcher.quiet_env({}) == {"DS_ACCELERATOR": "cpu"}
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/nvidia0")
+    assert ds_launcher.quiet_env({}) == {}
+    assert ds_launcher.quiet_env({"CUDA_VISIBLE_DEVICES": ""}) == {"DS_ACCELERATOR": "cpu"}
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/kfd")  # AMD (ROCm)
+    assert ds_launcher.quiet_env({}) == {}
 
 
 def test_the_launcher_and_planning_import_no_deepspeed_or_torch():

@@ -34,6 +34,8 @@ def test_command_for_two_nodes_of_eight_gpus():
     assert lm.command({**BASE, "ray_port": 6379, "ray": "/opt/ray"}, "m", [], CTX)[2:6] == [
         "--port", "6379", "--ray", "/opt/ray"]
     assert lm.ranks(BASE) == 1 and lm.env(BASE, CTX) == {}
+    for seconds, arg in ((1e6, "1000000"), (0.5, "1")):  # whole seconds, never 1e+06
+        assert lm.command({**BASE, "ray_start_timeout_s": seconds}, "m", [], CTX)[6:8] == ["--timeout", arg]
     lm.validate(BASE, "evaluate", CELL)
 
 
@@ -182,6 +184,65 @@ def test_fake_slurm_cluster_that_never_comes_up_times_out_and_tears_down(fake_sl
     lines = _events(log)
     assert not any(l.startswith("stage ") for l in lines)
     assert {l for l in lines if l.startswith("ray stop")} == {f"ray stop on gpu-00{i}" for i in (1, 2, 3)}
+
+
+def test_fake_slurm_dead_head_is_reported_and_no_worker_starts(fake_slurm, tmp_path):
+    """A head whose `ray start` fails: the script says so at once (not a timeout on workers that cannot join), starts
+    no worker and no stage, and still stops Ray everywhere."""
+    cmd, env, log = fake_slurm
+    (tmp_path / "bin" / "srun").write_text(STUBS["srun"].replace('NODE="$node" exec', '[ "$node" = gpu-001 ] && '
+                                                                 '[ "$2" = start ] && exit 4\nNODE="$node" exec'))
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "ray head on gpu-001 (10.0.0.1:29577) ended (status 4) before the cluster was up" in proc.stderr
+    assert time.monotonic() - t0 < 15
+    lines = _events(log)
+    assert not any(l.startswith(("ray start", "stage ")) for l in lines), lines
+    assert {l for l in lines if l.startswith("ray stop")} == {"ray stop on gpu-001", "ray stop on gpu-002"}
+
+
+def test_fake_slurm_worker_that_never_joins_is_named(fake_slurm, tmp_path):
+    cmd, env, log = fake_slurm
+    (tmp_path / "bin" / "srun").write_text(STUBS["srun"].replace('NODE="$node" exec', '[ "$node" = gpu-002 ] && '
+                                                                 '[ "$2" = start ] && exit 1\nNODE="$node" exec'))
+    cmd[cmd.index("--timeout") + 1] = "3"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "1 of 2 node(s) joined; ray start ended on: gpu-002" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("hostname, address", [
+    ('[ "$1" = -I ] && exit 64\necho "127.0.1.1 10.0.0.9"', "10.0.0.9"),  # no -I: --ip-address, loopback skipped
+    ("exit 1", "gpu-001"),  # no address from hostname at all: the head's name
+])
+def test_fake_slurm_head_address_without_hostname_dash_i(fake_slurm, tmp_path, hostname, address):
+    cmd, env, log = fake_slurm
+    (tmp_path / "bin" / "hostname").write_text(f"#!/usr/bin/env bash\n{hostname}\n")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"stage RAY_ADDRESS={address}:29577 argv:" in log.read_text()
+
+
+def test_fake_slurm_one_node_without_gpu_count(fake_slurm, tmp_path):
+    """No worker and no --gpus-per-node: the empty arrays expand to nothing under `set -u`."""
+    _, env, log = fake_slurm
+    ctx = LaunchContext(python=str(tmp_path / "bin" / "python"), port=29577, workdir=tmp_path)
+    cmd = launchers.get("vllm_multinode").command({**BASE, "nodes": 1, "gpus_per_node": None}, "qllm.stages.evaluate",
+                                                  [], ctx)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "workers: none" in proc.stderr and "ray cluster up: 1 node(s)" in proc.stderr
+    lines = _events(log)
+    assert [l for l in lines if l.startswith("ray start")] == [
+        "ray start on gpu-001: --head --node-ip-address=10.0.0.1 --port=29577 --block"]
+    assert {l for l in lines if l.startswith("ray stop")} == {"ray stop on gpu-001"}
+
+
+def test_fake_slurm_refuses_a_timeout_that_is_not_seconds(fake_slurm):
+    cmd, env, _ = fake_slurm
+    cmd[cmd.index("--timeout") + 1] = "1e+06"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--timeout must be seconds (e.g. 600); got 1e+06" in proc.stderr
 
 
 # ---- the vLLM backend's parallelism settings ----

@@ -35,7 +35,24 @@ def test_evaluate_writes_results_and_profile_on_the_main_rank_only(tmp_path, dat
         assert result.tasks["arc_easy_offline"].score == 50.0 and result.reused_tasks == ["arc_easy_offline"]
         assert result.model_path == "/m"  # the baseline's dir, from the cached result: nothing left to load
         assert (out / "results.json").is_file() == (rank == 0)
+        assert (out / "per_sample_arc_easy_offline.jsonl").is_file() == (rank == 0)  # the cached copy, too
         assert (prof / "profile_evaluate.json").is_file() == (rank == 0)
         assert (prof / "rank1" / "profile_evaluate.json").is_file() == (rank == 1)  # its peaks, for the maximum
     written = json.loads((tmp_path / "out0" / "results.json").read_text())
     assert written["tasks"]["arc_easy_offline"]["reused"] is True and "out_dir" not in written
+
+
+def test_per_sample_files_and_runner_output_come_from_the_main_rank_only(tmp_path, monkeypatch):
+    """Under DeepSpeed AutoTP every rank runs every request and has the task's results: one writes them."""
+    records, samples = [{"doc_id": 0, "acc": 1}], {"arc_easy": [{"doc_id": 0}]}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        out = tmp_path / f"out{rank}"
+        out.mkdir()
+        evaluate._write_samples(out, "arc", records, samples)
+        with evaluate._rank_out_dir(out) as runner_out:  # where a task runner (MT-Bench) writes its answers
+            (runner_out / "answers_arc.jsonl").write_text("{}\n")
+        names = sorted(f.name for f in out.iterdir())
+        assert names == (["answers_arc.jsonl", "per_sample_arc.jsonl", "samples_arc.jsonl"] if rank == 0 else [])
+        assert (runner_out == out) == (rank == 0) and not (rank and runner_out.exists())  # scratch: removed

@@ -15,7 +15,6 @@ Only the evaluate stage imports this module (it imports torch and deepspeed insi
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -31,11 +30,6 @@ def _torch_dtype(dtype: str) -> Any:
     return getattr(torch, dtype)
 
 
-def tp_rank() -> tuple[int, int]:
-    """(local rank, world size) as the deepspeed launcher sets them."""
-    return int(os.environ.get("LOCAL_RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def wrap_model(model: Any, tp_size: int, dtype: str) -> Any:
     """`model` (a transformers PreTrainedModel on the CPU or the meta device) split across `tp_size` GPUs by
     DeepSpeed AutoTP; returns the sharded module (on this rank's GPU). Every rank must call it (a collective)."""
@@ -44,23 +38,6 @@ def wrap_model(model: Any, tp_size: int, dtype: str) -> Any:
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": int(tp_size)}, dtype=_torch_dtype(dtype),
                                       replace_with_kernel_inject=False)
     return engine.module
-
-
-def wrap_autotp(hflm: Any, tp_size: int, dtype: str) -> None:
-    """Replace the model of an lm-eval HFLM (loaded on the CPU: `device="cpu"`) with its AutoTP-sharded version and
-    make the LM one logical model: rank 0 of 1 for lm-eval (every rank runs every request), its device this rank's
-    GPU. Call it on every rank, right after HFLM(...)."""
-    import torch
-
-    module = wrap_model(hflm._model, tp_size, dtype)
-    module.eval()
-    local_rank, _ = tp_rank()
-    hflm._model = module
-    hflm._device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else next(
-        module.parameters()).device
-    hflm._rank, hflm._world_size = 0, 1  # tensor parallel: lm-eval must not split the requests across ranks
-    if hasattr(hflm, "accelerator"):  # an Accelerator lm-eval made for data parallelism would gather across ranks
-        del hflm.accelerator
 
 
 def load_autotp(model_path: str, *, tp_size: int, dtype: str, revision: Optional[str] = None,
@@ -86,16 +63,3 @@ def load_autotp(model_path: str, *, tp_size: int, dtype: str, revision: Optional
     lm._rank, lm._world_size = 0, 1
     return lm
 
-
-def quiet_env(environ: Optional[dict] = None) -> dict[str, str]:
-    """Environment that keeps DeepSpeed's import-time accelerator warning ("Setting accelerator to CPU ...", printed on
-    stdout by every process that imports deepspeed, e.g. through accelerate when transformers saves a model) away on a
-    machine without GPUs: DS_ACCELERATOR=cpu, which is what DeepSpeed would pick anyway. Nothing where a GPU device
-    node exists (DeepSpeed then finds CUDA itself, silently) or DS_ACCELERATOR is already set. No torch import."""
-    environ = os.environ if environ is None else environ
-    if "DS_ACCELERATOR" in environ:
-        return {}
-    gpu = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
-    if gpu and environ.get("CUDA_VISIBLE_DEVICES", None) not in ("", "-1"):
-        return {}
-    return {"DS_ACCELERATOR": "cpu"}

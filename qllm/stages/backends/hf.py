@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 from ...errors import QllmConfigError
 from ...methods import Scheme
+from ..launchers import visible_gpus
 from ..launchers.deepspeed import AUTOTP_ENV
 from . import EvalBackendConfig
 
@@ -26,21 +27,12 @@ class HFConfig(EvalBackendConfig):
 
 def _check_gpu(device: str, index: int) -> None:
     """eval.device=cuda[:N] on a machine without that GPU fails here, not after the quantize stage: NVML (the
-    driver's library, no torch) says which GPUs this process sees (CUDA_VISIBLE_DEVICES applies to CUDA, not NVML,
-    so a visible-devices list narrows the count)."""
-    import os
-
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-        count = pynvml.nvmlDeviceGetCount()
-    except pynvml.NVMLError as e:
-        raise QllmConfigError(f"eval.device={device!r}, but no NVIDIA GPU is visible here (NVML: {e}); valid here: "
-                              "auto, cpu") from None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    driver's library, no torch) says which GPUs this process sees, narrowed by CUDA_VISIBLE_DEVICES
+    (launchers.visible_gpus)."""
+    count = visible_gpus()
+    if count is None:
+        raise QllmConfigError(f"eval.device={device!r}, but no NVIDIA GPU is visible here (NVML cannot count any: "
+                              "no NVIDIA driver here); valid here: auto, cpu")
     if index >= count:
         raise QllmConfigError(f"eval.device={device!r}, but this process sees {count} GPU(s): valid: auto, cpu"
                               + (", cuda, " + ", ".join(f"cuda:{i}" for i in range(count)) if count else ""))

@@ -9,11 +9,12 @@ A launcher is one module here plus one YAML in conf/launch/ (`launch.quantize=<n
 A launcher only builds the command. What every launcher needs is done once, by qllm.stages.runner: the stage runs
 in its own process group; Ctrl-C, SIGTERM or `timeout_s` end the whole group; output is streamed and kept as a log;
 a free rendezvous port is chosen per cell (`{port}` in a command, MASTER_PORT in the environment); ranks other than
-the main one write no results (qllm.stages.ranks).
+the main one write no results (qllm.stages.process).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +67,6 @@ def visible_gpus() -> Optional[int]:
     """NVIDIA GPUs this process may use, without importing torch (planning stays light): NVML's device count,
     narrowed by CUDA_VISIBLE_DEVICES; None when NVML cannot tell (no driver library: a CPU machine, a login node,
     another vendor's GPUs)."""
-    import os
-
     try:
         import pynvml
 
@@ -79,6 +78,25 @@ def visible_gpus() -> Optional[int]:
     if visible is not None:
         count = min(count, len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"]))
     return count
+
+
+GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, AMD (ROCm), WSL
+
+
+def gpu_device_present(environ: Optional[dict] = None) -> bool:
+    """Whether a GPU device node exists and CUDA_VISIBLE_DEVICES does not hide every GPU: what still tells a machine
+    with GPUs NVML cannot count (another vendor's) from one without any. No torch import."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return any(os.path.exists(p) for p in GPU_DEVICE_NODES)
+
+
+def no_gpu() -> bool:
+    """This machine has no GPU for a stage: NVML counts none visible, or NVML cannot tell and there is no GPU device
+    node either. (`not visible_gpus()` would take None, "NVML cannot tell", for no GPU: wrong on AMD GPUs.)"""
+    seen = visible_gpus()
+    return seen == 0 or (seen is None and not gpu_device_present())
 
 
 def names() -> list[str]:

@@ -8,7 +8,8 @@
   RAM (`max_cpu_memory_gb`), then disk (`offload_folder`) as the last resort: a model larger than one GPU.
 
 The config files are under launch/accelerate/ (the command-line flags qllm adds win over them). The quantize stage
-is not an accelerate job (llmcompressor distributes through torchrun: launch.quantize=torchrun).
+is not an accelerate job (llmcompressor distributes through torchrun: launch.quantize=torchrun). One machine only:
+qllm starts a stage on its own machine and nothing on others (vllm_multinode spans nodes for evaluation).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Optional
 
 from ...errors import QllmConfigError
-from . import LaunchContext, LauncherConfig, visible_gpus
+from . import LaunchContext, LauncherConfig, no_gpu
 from .torchrun import threads_per_rank
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "launch" / "accelerate"
@@ -32,9 +33,9 @@ class AccelerateConfig(LauncherConfig):
     name: str = "accelerate"
     mode: str = "data_parallel"  # data_parallel | sharded
     num_processes: int = 2  # data_parallel: ranks on this machine (one per GPU)
-    num_machines: int = 1
+    num_machines: int = 1  # 1 only: qllm starts a stage on one machine (more are refused at planning)
     machine_rank: int = 0
-    main_process_ip: Optional[str] = None  # multi-machine: the first machine's address
+    main_process_ip: Optional[str] = None  # passed on as --main_process_ip (one machine needs none)
     config_file: Optional[str] = None  # null: launch/accelerate/<mode>.yaml
     cpu: Optional[bool] = None  # null: when this machine has no GPU
     max_cpu_memory_gb: Optional[float] = None  # sharded: host RAM the model may use before spilling to disk
@@ -57,9 +58,16 @@ class AccelerateLauncher:
         for key in ("num_processes", "num_machines"):
             if settings[key] < 1:
                 raise QllmConfigError(f"launch.evaluate.{key} must be >= 1; got {settings[key]}")
+        if settings["num_machines"] > 1 or settings["machine_rank"] != 0:
+            raise QllmConfigError(
+                f"launch.evaluate.num_machines={settings['num_machines']} (machine_rank={settings['machine_rank']}): "
+                "qllm starts the evaluate stage on one machine and nothing on the others, so accelerate would wait "
+                "for machines that never join; valid: num_machines=1, machine_rank=0; for evaluation across "
+                "nodes use launch.evaluate=vllm_multinode (eval=vllm on a Ray cluster), or launch.evaluate=deepspeed "
+                "with a hostfile (DeepSpeed starts the other nodes)")
         if settings["mode"] == "sharded" and self.ranks(settings) != 1:
             raise QllmConfigError("launch.evaluate.mode=sharded is one process spread over the GPUs: keep "
-                                  "num_processes=1 and num_machines=1 (data_parallel for several processes)")
+                                  "num_processes=1 (data_parallel for several processes)")
         if self.ranks(settings) > 1 and cfg["profile"]["speed"]:
             raise QllmConfigError("profile.speed=true measures one process's speed; under data parallelism the ranks "
                                   "would share (and skew) it: measure speed with launch.evaluate=local")
@@ -81,7 +89,7 @@ class AccelerateLauncher:
 
     @staticmethod
     def _cpu(settings: dict) -> bool:
-        return settings["cpu"] if settings["cpu"] is not None else not visible_gpus()
+        return settings["cpu"] if settings["cpu"] is not None else no_gpu()
 
     def env(self, settings: dict, ctx: LaunchContext) -> dict[str, str]:
         if settings["mode"] == "data_parallel":
@@ -97,7 +105,7 @@ class AccelerateLauncher:
         return env
 
     def ranks(self, settings: dict) -> int:
-        return settings["num_processes"] * settings["num_machines"]
+        return settings["num_processes"]  # one machine (validate); accelerate's --num_processes is the total anyway
 
 
 LAUNCHER = AccelerateLauncher

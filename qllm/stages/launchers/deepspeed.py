@@ -4,6 +4,9 @@ GPUs by DeepSpeed's inference engine (AutoTP) when `autotp=true`: models whose d
     {python} -m deepspeed.launcher.runner --num_gpus N --master_port {port} --no_local_rank
         [--num_nodes M --hostfile H --launcher slurm|pdsh|openmpi|...] --module qllm.stages.evaluate <args>
 
+(On one node with CUDA_VISIBLE_DEVICES set, `--include localhost:<its first N ids>` instead of `--num_gpus N`,
+which would make DeepSpeed take GPUs 0..N-1 whatever CUDA_VISIBLE_DEVICES says.)
+
 (`python -m deepspeed.launcher.runner` is the `deepspeed` command run by qllm's interpreter: the ranks start in the
 same environment.) With `autotp`, the N×M ranks hold one model together (tensor parallelism): each runs every
 lm-eval request and rank 0 alone writes results (qllm.stages.process.is_main); the evaluate stage loads the model
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from ...errors import QllmConfigError
-from . import LaunchContext, LauncherConfig
+from . import LaunchContext, LauncherConfig, gpu_device_present
 from . import visible_gpus as _gpus_visible  # noqa: F401 (tests patch it here)
 
 AUTOTP_ENV = "QLLM_AUTOTP"  # the evaluate stage's hf backend loads through _deepspeed_tp.load_autotp when set
@@ -30,7 +33,7 @@ MULTINODE = ("pdsh", "slurm", "openmpi", "mvapich", "mpich", "impi")  # deepspee
 @dataclass
 class DeepSpeedConfig(LauncherConfig):
     name: str = "deepspeed"
-    nproc: int = 1  # GPUs (ranks) per node: deepspeed --num_gpus
+    nproc: int = 1  # GPUs (ranks) per node: deepspeed --num_gpus (or the first nproc of CUDA_VISIBLE_DEVICES)
     num_nodes: int = 1  # nodes: deepspeed --num_nodes (> 1 needs hostfile)
     hostfile: Optional[str] = None  # MPI-style hostfile ("node-0 slots=8" per line): deepspeed --hostfile
     multinode_launcher: str = "slurm"  # how deepspeed reaches the other nodes: deepspeed --launcher
@@ -72,6 +75,15 @@ class DeepSpeedLauncher:
             raise QllmConfigError(f"launch.{stage}=deepspeed splits the model across GPUs (AutoTP); eval.device="
                                   f"{device} runs on no GPU; valid: eval.device=auto or cuda (or launch.{stage}=local "
                                   "for CPU)")
+        ids = _visible_ids() if _single_node(settings) else None
+        if ids and not all(i.isdigit() for i in ids):
+            raise QllmConfigError(f"CUDA_VISIBLE_DEVICES={','.join(ids)!r} does not name GPUs by index (UUIDs, MIG "
+                                  f"ids); launch.{stage}=deepspeed hands them to DeepSpeed, which takes indices "
+                                  "(--include localhost:<ids>); valid: CUDA_VISIBLE_DEVICES as GPU indices (0,1,2,3)")
+        if ids and len(ids) < settings["nproc"]:
+            raise QllmConfigError(f"launch.{stage}.nproc={settings['nproc']}: DeepSpeed tensor parallelism needs one "
+                                  f"GPU per rank, and CUDA_VISIBLE_DEVICES={','.join(ids)!r} lists {len(ids)}; valid: "
+                                  f"nproc <= {len(ids)}")
         if settings["num_nodes"] == 1:
             seen = _gpus_visible()
             if seen is not None and seen < settings["nproc"]:
@@ -84,8 +96,11 @@ class DeepSpeedLauncher:
             # seen None: no NVML here (a login node, another vendor): the job's node decides; the stage fails there
 
     def command(self, settings: dict, module: str, args: list[str], ctx: LaunchContext) -> list[str]:
-        cmd = [ctx.python, "-m", "deepspeed.launcher.runner", "--num_gpus", str(settings["nproc"]),
-               "--master_port", str(ctx.port), "--no_local_rank"]
+        ids = _visible_ids() if _single_node(settings) else None
+        # DeepSpeed drops CUDA_VISIBLE_DEVICES when --num_gpus is given: on one node, name the GPUs it lists instead
+        gpus = ["--include", "localhost:" + ",".join(ids[:settings["nproc"]])] if ids else \
+            ["--num_gpus", str(settings["nproc"])]
+        cmd = [ctx.python, "-m", "deepspeed.launcher.runner", *gpus, "--master_port", str(ctx.port), "--no_local_rank"]
         if settings["num_nodes"] > 1 or settings["hostfile"]:
             cmd += ["--num_nodes", str(settings["num_nodes"]), "--hostfile", str(settings["hostfile"]),
                     "--launcher", settings["multinode_launcher"]]
@@ -103,6 +118,29 @@ class DeepSpeedLauncher:
 
     def ranks(self, settings: dict) -> int:
         return settings["nproc"] * settings["num_nodes"]
+
+
+def _single_node(settings: dict) -> bool:
+    """DeepSpeed launches on this node alone (no hostfile): the case in which it reads CUDA_VISIBLE_DEVICES."""
+    return settings["num_nodes"] == 1 and not settings["hostfile"]
+
+
+def _visible_ids() -> Optional[list[str]]:
+    """The GPU ids CUDA_VISIBLE_DEVICES lists, or None when it lists none (unset: every GPU, for --num_gpus)."""
+    ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip() not in ("", "-1")]
+    return ids or None
+
+
+def quiet_env(environ: Optional[dict] = None) -> dict[str, str]:
+    """Environment that keeps DeepSpeed's import-time accelerator warning ("Setting accelerator to CPU ...", printed on
+    stdout by every process that imports deepspeed, e.g. through accelerate when transformers saves a model) away on a
+    machine without GPUs: DS_ACCELERATOR=cpu, which is what DeepSpeed would pick anyway. Nothing where a GPU device
+    node exists (DeepSpeed then finds CUDA itself, silently) or DS_ACCELERATOR is already set. No torch import. The
+    runner adds it to every stage's environment, whatever the launcher."""
+    environ = os.environ if environ is None else environ
+    if "DS_ACCELERATOR" in environ or gpu_device_present(environ):
+        return {}
+    return {"DS_ACCELERATOR": "cpu"}
 
 
 LAUNCHER = DeepSpeedLauncher

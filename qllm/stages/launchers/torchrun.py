@@ -6,6 +6,8 @@ samples; GPTQ reduces every Hessian to the rank that owns the layer, which quant
 (modifiers/gptq/base.py). What 0.14 supports is `SUPPORT` below, checked at planning: measured on this CPU with 2
 gloo ranks (tests/e2e/test_distributed.py), read from the library's sources otherwise.
 Evaluate (eval=hf): lm-eval's data parallelism (it reads the ranks from the environment, as under accelerate).
+One node only: qllm's orchestrator starts a stage on its own node and nothing on the others (vllm_multinode spans
+nodes for evaluation).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from ...errors import QllmConfigError
-from . import LaunchContext, LauncherConfig, visible_gpus
+from . import LaunchContext, LauncherConfig, no_gpu
 
 # method -> (runs under torchrun, why). "gpu" = only where the stage has an accelerator.
 SUPPORT: dict[str, tuple[str, str]] = {
@@ -33,10 +35,10 @@ SUPPORT: dict[str, tuple[str, str]] = {
 class TorchrunConfig(LauncherConfig):
     name: str = "torchrun"
     nproc_per_node: int = 2
-    nnodes: int = 1
-    node_rank: int = 0  # this node's rank (multi-node: each node runs its own launch with its rank)
+    nnodes: int = 1  # 1 only: qllm starts a stage on one node (more are refused at planning)
+    node_rank: int = 0
     rdzv_backend: str = "c10d"
-    rdzv_endpoint: Optional[str] = None  # host:port of rank 0's node; null: 127.0.0.1 and the cell's free port
+    rdzv_endpoint: Optional[str] = None  # host:port to meet at; null: 127.0.0.1 and the cell's free port
     max_restarts: int = 0  # a failed rank fails the stage (and the cell); no elastic restarts
 
 
@@ -48,26 +50,41 @@ class TorchrunLauncher:
         for key in ("nproc_per_node", "nnodes"):
             if settings[key] < 1:
                 raise QllmConfigError(f"launch.{stage}.{key} must be >= 1; got {settings[key]}")
+        if settings["nnodes"] > 1:
+            raise QllmConfigError(_multinode_refusal(stage, settings["nnodes"]))
         if not 0 <= settings["node_rank"] < settings["nnodes"]:
             raise QllmConfigError(f"launch.{stage}.node_rank={settings['node_rank']} must be in "
                                   f"[0, nnodes={settings['nnodes']})")
-        if settings["nnodes"] > 1 and not settings["rdzv_endpoint"]:
-            raise QllmConfigError(f"launch.{stage}.nnodes={settings['nnodes']} needs launch.{stage}.rdzv_endpoint="
-                                  "<host:port of the first node> (every node must meet at the same address)")
-        if stage == "quantize" and cfg["method"].get("bits_allowed"):  # the baseline has no quantize stage
-            method = cfg["method"]["name"]
-            runs, why = SUPPORT.get(method, ("no", "not known to llmcompressor's distributed path"))
-            if runs == "gpu" and not visible_gpus():
-                runs = "no"
-            if runs == "no":
-                ok = ", ".join(m for m, (r, _) in SUPPORT.items() if r == "yes")
-                raise QllmConfigError(f"launch.quantize=torchrun cannot run method={method}: {why}. Methods it runs "
-                                      f"here: {ok}; use launch.quantize=local for {method}")
-        elif cfg["eval"]["backend"] != "hf":
+        if stage == "quantize":
+            if cfg["method"].get("bits_allowed"):  # the baseline has no quantize stage
+                self._validate_quantize(settings, cfg)
+            return
+        if cfg["eval"]["backend"] != "hf":
             raise QllmConfigError(f"launch.evaluate=torchrun runs lm-eval's hf backend (data parallel); "
                                   f"eval={cfg['eval']['backend']} starts its own workers: use "
                                   f"eval.tensor_parallel_size / eval.data_parallel_size (or launch.evaluate="
                                   "vllm_multinode) with launch.evaluate=local")
+        if self.ranks(settings) > 1 and cfg["profile"]["speed"]:
+            raise QllmConfigError(f"profile.speed=true measures one process's speed; launch.evaluate=torchrun runs "
+                                  f"{self.ranks(settings)} ranks, which would share (and skew) it: measure speed "
+                                  "with launch.evaluate=local, or set profile.speed=false")
+
+    def _validate_quantize(self, settings: dict, cfg: dict) -> None:
+        method = cfg["method"]["name"]
+        runs, why = SUPPORT.get(method, ("no", "not known to llmcompressor's distributed path"))
+        if runs == "gpu" and no_gpu():
+            runs = "no"
+        if runs == "no":
+            ok = ", ".join(m for m, (r, _) in SUPPORT.items() if r == "yes")
+            raise QllmConfigError(f"launch.quantize=torchrun cannot run method={method}: {why}. Methods it runs "
+                                  f"here: {ok}; use launch.quantize=local for {method}")
+        ranks = self.ranks(settings)
+        samples = cfg["calibration"]["num_samples"] if cfg["method"].get("calibrate") else None
+        if samples is not None and samples < ranks:  # each rank calibrates on its own share: none for some
+            raise QllmConfigError(f"calibration.num_samples={samples} is fewer than the {ranks} ranks of "
+                                  "launch.quantize=torchrun: each rank calibrates on its own share of the samples, "
+                                  f"and a rank with none cannot take part; valid: calibration.num_samples >= {ranks}, "
+                                  f"or launch.quantize.nproc_per_node <= {samples}")
 
     def command(self, settings: dict, module: str, args: list[str], ctx: LaunchContext) -> list[str]:
         endpoint = settings["rdzv_endpoint"] or f"127.0.0.1:{ctx.port}"
@@ -81,6 +98,16 @@ class TorchrunLauncher:
 
     def ranks(self, settings: dict) -> int:
         return settings["nproc_per_node"] * settings["nnodes"]
+
+
+def _multinode_refusal(stage: str, nnodes: int) -> str:
+    """Why nnodes > 1 is refused: torchrun needs the same launch run on every node, and qllm's orchestrator starts a
+    stage on its own node only (under SLURM, every node would run its own orchestrator, each its own cell)."""
+    instead = ("quantize on a single node (more ranks there only speed GPTQ up; every rank holds the whole model)"
+               if stage == "quantize" else "for evaluation across nodes use launch.evaluate=vllm_multinode (eval=vllm "
+               "on a Ray cluster), or launch.evaluate=deepspeed with a hostfile (DeepSpeed starts the other nodes)")
+    return (f"launch.{stage}.nnodes={nnodes}: qllm starts the stage on one node and nothing on the others, so torchrun "
+            f"would wait for nodes that never join; valid: launch.{stage}.nnodes=1; {instead}")
 
 
 def threads_per_rank(nproc: int) -> dict[str, str]:

@@ -15,6 +15,7 @@ checks the command, the script's syntax, and its order of events under stub scon
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ class VLLMMultinodeLauncher:
     def command(self, settings: dict, module: str, args: list[str], ctx: LaunchContext) -> list[str]:
         ray = settings["ray"] or str(Path(ctx.python).parent / "ray")
         cmd = ["bash", str(SCRIPT), "--port", str(settings["ray_port"] or ctx.port), "--ray", ray,
-               "--timeout", f"{settings['ray_start_timeout_s']:g}"]
+               "--timeout", str(math.ceil(settings["ray_start_timeout_s"]))]  # whole seconds: bash counts them
         if settings["nodes"]:
             cmd += ["--nodes", str(settings["nodes"])]
         if settings["gpus_per_node"]:
