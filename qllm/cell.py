@@ -36,6 +36,9 @@ HASHED_AS = (("py:qllm.tasks.twins.", "py:qllm.twins."), ("py:qllm.tasks.wikitex
 # Task-entry fields added after keys were first defined (issue 12: tasks lm-eval does not run), with their defaults:
 # hashed only when set, so every earlier task keeps its key.
 ADDED_FIELDS = {"runner": None, "settings": {}}
+# Calibration fields added after keys were first defined (issue 13: oneshot's batch_size), hashed only when set, so
+# every earlier checkpoint keeps its quant key.
+CALIBRATION_ADDED = {"batch_size": 1}
 # What makes a judge's verdicts differ (JudgeConfig): in the cell key of dialogue cells and in judgment keys.
 JUDGE_IDENTITY = ("kind", "base_url", "model", "temperature", "max_tokens", "server", "server_version", "dtype",
                   "pairwise", "constrain_verdict")
@@ -83,6 +86,12 @@ def as_hashed(obj: Any) -> Any:
     return obj
 
 
+def hashed_calibration(calibration: Optional[dict]) -> Optional[dict]:
+    if calibration is None:
+        return None
+    return {k: v for k, v in calibration.items() if not (k in CALIBRATION_ADDED and v == CALIBRATION_ADDED[k])}
+
+
 def hashed_entry(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
@@ -128,7 +137,7 @@ class Keys:
             model_id["content"] = model["content"]
         quant_versions = versions(QUANT_LIBS) if bits else {}
         quant = digest({"model": model_id, "method": method, "bits": bits,
-                        "recipe": hashed_recipe(recipe) if bits else {}, "calibration": calibration,
+                        "recipe": hashed_recipe(recipe) if bits else {}, "calibration": hashed_calibration(calibration),
                         "seed": seed if bits else None, "versions": quant_versions})
         hashed_tasks = as_hashed({k: hashed_entry(e) for k, e in tasks.items()})
         judged = judge_identity(judge) if has_dialogue(tasks) else None

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .errors import QllmConfigError
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -103,6 +105,11 @@ def gptq(bits: int, ignore: list[str], group_size: Optional[int], symmetric: boo
 
 def awq(bits: int, ignore: list[str], group_size: Optional[int], symmetric: bool = False, n_grid: int = 20,
         duo_scaling: bool = True) -> Recipe:
+    # llmcompressor's grid: n_grid ratios, or n_grid - 1 of them (ratio k / (n_grid - 2)) with duo scaling
+    if n_grid < (3 if duo_scaling else 2):
+        raise QllmConfigError(f"method.settings.n_grid={n_grid}: AWQ needs >= {3 if duo_scaling else 2} grid points "
+                              f"with duo_scaling={duo_scaling} (llmcompressor divides by n_grid - "
+                              f"{2 if duo_scaling else 1}); 20 is the library's default, 6 the fast setting")
     # In llmcompressor 0.14 AWQ only rescales; the QuantizationModifier after it sets the scheme and quantizes.
     modifiers = {
         "AWQModifier": {"n_grid": n_grid, "duo_scaling": duo_scaling},

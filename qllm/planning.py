@@ -175,6 +175,10 @@ def _at_least(key: str, value: Any, low: int = 1, optional: bool = False, what: 
 def _check_calibration(calibration: dict, data_dir: str, check_sources: bool = True) -> None:
     _at_least("calibration.num_samples", calibration["num_samples"])
     _at_least("calibration.max_seq_len", calibration["max_seq_len"])
+    _at_least("calibration.batch_size", calibration.get("batch_size", 1))
+    if calibration.get("batch_size", 1) > calibration["num_samples"]:
+        raise QllmConfigError(f"calibration.batch_size={calibration['batch_size']} exceeds calibration.num_samples="
+                              f"{calibration['num_samples']}: a batch cannot hold more samples than there are")
     if calibration["source"] not in ("local_text", "hub"):
         raise QllmConfigError(f"calibration.source={calibration['source']!r}; valid: local_text, hub")
     if calibration["source"] == "local_text" and check_sources:

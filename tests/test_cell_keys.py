@@ -85,3 +85,12 @@ def test_the_stage_gets_the_modifiers_in_the_order_the_method_wrote_them(plan):
     awq = {"quant_stage": {"quant_modifiers": {"AWQModifier": {}, "QuantizationModifier": {}}}}
     assert hashed_recipe(awq) == awq  # alphabetical anyway: the key it always had
     assert hashed_recipe(c.recipe)["quant_stage"]["modifier_order"] == order
+
+
+def test_calibration_batch_size_enters_the_quant_key_only_when_set(plan):
+    """batch 1 is what every earlier checkpoint was made with (llmcompressor's default): the same key as before the
+    field existed (test_keys_unchanged); another batch size sums calibration statistics in another order."""
+    one, default, sixteen = (plan(["method=gptq", *extra]) for extra in
+                             (["calibration.batch_size=1"], [], ["calibration.batch_size=16"]))
+    assert one.quant_key == default.quant_key != sixteen.quant_key
+    assert sixteen.calibration["batch_size"] == 16

@@ -29,6 +29,15 @@ def test_weight_only_methods():
     assert awq.modifiers["QuantizationModifier"]["config_groups"]["group_0"]["weights"]["symmetric"] is False
 
 
+def test_awq_grid_too_small_for_the_library_is_refused():
+    from qllm.errors import QllmConfigError
+
+    assert methods.awq(4, [], 64, n_grid=3).modifiers["AWQModifier"]["n_grid"] == 3
+    with pytest.raises(QllmConfigError, match="n_grid=2: AWQ needs >= 3 grid points with duo_scaling=True"):
+        methods.awq(4, [], 64, n_grid=2)
+    assert methods.awq(4, [], 64, n_grid=2, duo_scaling=False).modifiers["AWQModifier"]["n_grid"] == 2
+
+
 def test_activation_methods():
     sq = methods.smoothquant(8, ["lm_head"])
     assert list(sq.modifiers) == ["SmoothQuantModifier", "GPTQModifier"] and sq.modifiers["GPTQModifier"]["scheme"] \

@@ -140,6 +140,8 @@ def test_suites_and_twins_are_consistent():
 @pytest.mark.parametrize("override, message", [
     ("calibration.num_samples=-3", "calibration.num_samples must be a positive integer; got -3"),
     ("calibration.max_seq_len=0", "calibration.max_seq_len must be a positive integer; got 0"),
+    ("calibration.batch_size=0", "calibration.batch_size must be a positive integer; got 0"),
+    ("calibration.batch_size=65", "calibration.batch_size=65 exceeds calibration.num_samples=64"),
     ("task.limit=-1", "task.limit must be a positive integer or null (no cap); got -1"),
     ("task.max_gen_toks=0", "task.max_gen_toks must be a positive integer or null (no cap); got 0"),
     ("task.tasks.wikitext_offline.max_doc_tokens=-5",

@@ -97,7 +97,8 @@ def workload_of(cell: Any, arch: Arch) -> Workload:
     return Workload(
         method=cell.method, bits=cell.bits, dtype=cell.model["dtype"], group_size=cell.group_size,
         symmetric=_symmetric(cell.recipe), calib_samples=int(calib.get("num_samples") or 0),
-        calib_seq=int(calib.get("max_seq_len") or 0), backend=ev.get("backend", "hf"),
+        calib_seq=int(calib.get("max_seq_len") or 0), calib_batch=int(calib.get("batch_size") or 1),
+        backend=ev.get("backend", "hf"),
         batch_size=batch, context=context, gen_tokens=gen, batch_tokens=batch_tokens,
         max_model_len=int(ev.get("max_length") or ev.get("max_model_len") or arch.max_positions),
         vllm_dtype=ev.get("dtype") if ev.get("backend") == "vllm" and ev.get("dtype") else "bfloat16",

@@ -141,6 +141,7 @@ class Workload:
     symmetric: bool = True
     calib_samples: int = 0  # 0: no calibration data
     calib_seq: int = 0
+    calib_batch: int = 1  # calibration.batch_size: samples per calibration forward
     backend: str = "hf"
     batch_size: int = 8
     context: int = 512  # longest assumed loglikelihood context of its tasks
@@ -263,18 +264,20 @@ def awq_cache_gb(arch: Arch, w: Workload) -> float:
     inputs = 2 * arch.hidden + arch.heads * arch.head_dim + arch.intermediate
     outputs = max(arch.hidden, arch.intermediate)  # the current mapping's outputs (fp16_outputs)
     balance = 2 * arch.hidden * arch.intermediate  # gate + up weights copied for the grid search
-    # replaying the attention parent over every cached sample keeps each call's whole output (attention weights,
-    # heads x seq^2) and its cached causal mask (seq^2) until the list is built: measured on the tiny model,
-    # 64 vs 16 samples of 512 tokens: +6.7 MB a sample for (4 heads + 1) x 512^2 x 4 B = 5.2 MB
-    attention = w.calib_samples * (arch.heads + 1) * w.calib_seq ** 2
+    # every cached sample's causal mask (seq^2, calibration runs eager attention) and, replaying the attention
+    # parent, the live batch's attention weights (heads x seq^2): qllm runs that replay through SDPA
+    # (compat.awq_sdpa_grid_search), which returns none. Under eager attention every call's weights stayed alive until
+    # the list was built (measured on the tiny model, 64 vs 16 samples of 512 tokens: +6.7 MB a sample for
+    # (4 heads + 1) x 512^2 x 4 B = 5.2 MB)
+    attention = (w.calib_samples + w.calib_batch * arch.heads) * w.calib_seq ** 2
     return (tokens * (inputs + outputs) + balance + attention) * w.b / GB
 
 
 def sample_activations_gb(arch: Arch, w: Workload) -> float:
-    """One calibration sample through one decoder layer (batch size 1)."""
+    """One calibration batch (calibration.batch_size samples) through one decoder layer."""
     if not w.calibrated:
         return 0.0
-    return w.calib_seq * (6 * arch.hidden + 3 * arch.intermediate + 2 * arch.heads * arch.head_dim) * w.b / GB
+    return w.calib_batch * w.calib_seq * (6 * arch.hidden + 3 * arch.intermediate + 2 * arch.heads * arch.head_dim) * w.b / GB
 
 
 def quantize_host(arch: Arch, w: Workload, on_gpu: bool) -> Estimate:
@@ -290,7 +293,7 @@ def quantize_host(arch: Arch, w: Workload, on_gpu: bool) -> Estimate:
 
 
 def quantize_gpu(arch: Arch, w: Workload) -> Estimate:
-    """One GPU of the quantize stage: the current decoder layer (onloaded), one sample's activations, and the
+    """One GPU of the quantize stage: the current decoder layer (onloaded), one calibration batch's activations, and the
     modifiers' state for that layer."""
     layer = arch.layer_linear_params * w.b / GB
     embed = arch.vocab * arch.hidden * w.b / GB  # the first subgraph onloads the embeddings

@@ -31,21 +31,54 @@ from . import process
 
 def quantize(cell: Cell, force: bool = False, profile_dir: Path | None = None) -> QuantizeResult:
     """Quantize once. A cached checkpoint is reused when it passes its integrity check (unless forced); parallel jobs
-    needing the same checkpoint wait for the one making it."""
+    needing the same checkpoint wait for the one making it. With several ranks the main rank decides (`_reuse`)."""
     out = cache.checkpoint_dir(cell)
+    if process.world_size() > 1:
+        _join_group()  # before deciding: the main rank's decision is broadcast to the others
     with cache.locked(out) if process.is_main() else contextlib.nullcontext():
-        if not force and out.exists():
-            problem = cache.verify(out)
-            if problem is None:
-                print(f"[qllm] quantize: reusing cached checkpoint {out} (integrity verified)", flush=True)
-                cache.touch(out)
-                return QuantizeResult(str(out), Manifest.from_dict(cache.read_manifest(out) or {}), reused=True)
-            if process.is_main():
-                moved = cache.quarantine(out)
-                print(f"[qllm] quantize: cached checkpoint {out.name} failed its integrity check ({problem}); "
-                      f"moved aside to {moved.name}, quantizing again", flush=True)
-        with profiling.for_stage(cell, "quantize", profile_dir) as prof:
+        if _reuse(out, force):
+            return QuantizeResult(str(out), Manifest.from_dict(cache.read_manifest(out) or {}), reused=True)
+        with profiling.for_stage(cell, "quantize", profile_dir, rank=process.rank()) as prof:
             return QuantizeResult(str(out), _quantize(cell, out, force, prof), reused=False)
+
+
+def _reuse(out: Path, force: bool) -> bool:
+    """Whether to reuse the cached checkpoint `out`. The main rank decides, under the lock it alone holds, and with
+    several ranks broadcasts the decision: ranks checking on their own could disagree (another job may publish the
+    checkpoint between their checks) and then wait forever in collectives the others never join."""
+    reuse = _verified_cache(out, force) if process.is_main() else False
+    return _from_main(reuse) if process.world_size() > 1 else reuse
+
+
+def _verified_cache(out: Path, force: bool) -> bool:
+    """The cached checkpoint passes its integrity check (then it is reused); a broken one is moved aside."""
+    if force or not out.exists():
+        return False
+    problem = cache.verify(out)
+    if problem is None:
+        print(f"[qllm] quantize: reusing cached checkpoint {out} (integrity verified)", flush=True)
+        cache.touch(out)
+        return True
+    moved = cache.quarantine(out)
+    print(f"[qllm] quantize: cached checkpoint {out.name} failed its integrity check ({problem}); "
+          f"moved aside to {moved.name}, quantizing again", flush=True)
+    return False
+
+
+def _from_main(value: bool) -> bool:
+    """The main rank's `value`, on every rank of the (joined) process group."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def _join_group() -> None:
+    from . import compat
+
+    print(f"[qllm] quantize: rank {process.rank()} of {process.world_size()} joined the process group "
+          f"({compat.init_distributed()})", flush=True)
 
 
 def _load(cell: Cell) -> tuple[Any, Any]:
@@ -99,9 +132,13 @@ def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, list[str
             ds = compat.calibration_shard(ds, process.rank(), process.world_size())
             workarounds.append("calibration samples split across ranks by qllm (llmcompressor's own split "
                                "feeds every rank the same samples)")
-        kwargs = dict(dataset=ds, num_calibration_samples=len(ds), max_seq_length=cell.calibration["max_seq_len"])
-    if "AWQModifier" in cell.recipe["quant_stage"]["quant_modifiers"] and compat.awq_cpu_pin_memory():
-        workarounds.append("llmcompressor AWQ pin_memory on CPU skipped")
+        kwargs = dict(dataset=ds, num_calibration_samples=len(ds), max_seq_length=cell.calibration["max_seq_len"],
+                      batch_size=cell.calibration.get("batch_size", 1))
+    if "AWQModifier" in cell.recipe["quant_stage"]["quant_modifiers"]:
+        if compat.awq_cpu_pin_memory():
+            workarounds.append("llmcompressor AWQ pin_memory on CPU skipped")
+        if compat.awq_sdpa_grid_search(model):
+            workarounds.append("llmcompressor AWQ grid search runs attention as SDPA (calibration forces eager)")
     if process.world_size() > 1 and compat.gptq_broadcast_unshared_cpu_modules():
         workarounds.append("llmcompressor broadcasts CPU modules' quantized weights across ranks")
     oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
@@ -111,12 +148,7 @@ def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, list[str
 def _quantize(cell: Cell, out: Path, force: bool, prof: profiling.StageProfiler) -> Manifest:
     import torch
 
-    torch.manual_seed(cell.seed)
-    if process.world_size() > 1:
-        from . import compat
-
-        print(f"[qllm] quantize: rank {process.rank()} of {process.world_size()} joined the process group "
-              f"({compat.init_distributed()})", flush=True)
+    torch.manual_seed(cell.seed)  # with several ranks the process group is joined already (quantize)
     t0 = time.perf_counter()
     with prof.phase("load"):
         model, tokenizer = _load(cell)
