@@ -2,13 +2,14 @@
 on SmolLM2 with the default calibration (64 x 512 WikiText-2 tokens), and the WikiText-2 perplexity of each
 checkpoint, so a faster setting is only taken if its checkpoint is as good.
 
-    python bench/quantize_speed.py                       # the four rows below (~70 min on 2 busy cores)
+    python bench/quantize_speed.py                       # the five rows below (~80 min on 2 busy cores)
     python bench/quantize_speed.py --rows awq-after,gptq-after --ppl-docs 10
 
 Rows (each a `python -m qllm.run` cell with force=true, so nothing is reused; one fresh store per row):
   awq-before   llmcompressor's defaults: n_grid=20, calibration batch 1, the grid search under the eager attention
                that calibration forces (QLLM_COMPAT_OFF=awq_sdpa_grid_search)
   awq-after    method.settings.n_grid=<--awq-n-grid>, the grid search's attention through SDPA (compat.py)
+  awq-autocast as awq-after, with calibration.autocast=<--awq-autocast>: the calibration forwards' GEMMs in bf16
   gptq-before  calibration batch 1
   gptq-after   calibration.batch_size=<--gptq-batch>
 
@@ -40,6 +41,9 @@ def rows(a: argparse.Namespace) -> dict[str, tuple[str, list[str], dict[str, str
         "awq-before": ("awq", ["method=awq", "bits=4"], {"QLLM_COMPAT_OFF": "awq_sdpa_grid_search"}),
         "awq-after": ("awq", ["method=awq", "bits=4", f"method.settings.n_grid={a.awq_n_grid}"]
                       + ([f"calibration.batch_size={a.awq_batch}"] if a.awq_batch > 1 else []), {}),
+        "awq-autocast": ("awq", ["method=awq", "bits=4", f"method.settings.n_grid={a.awq_n_grid}",
+                                 f"calibration.autocast={a.awq_autocast}"]
+                         + ([f"calibration.batch_size={a.awq_batch}"] if a.awq_batch > 1 else []), {}),
         "gptq-before": ("gptq", ["method=gptq", "bits=4"], {}),
         "gptq-after": ("gptq", ["method=gptq", "bits=4", f"calibration.batch_size={a.gptq_batch}"], {}),
     }
@@ -76,9 +80,10 @@ def fmt(v: float | None, digits: int = 1) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="awq-before,awq-after,gptq-before,gptq-after")
+    p.add_argument("--rows", default="awq-before,awq-after,awq-autocast,gptq-before,gptq-after")
     p.add_argument("--awq-n-grid", type=int, default=6, help="AWQ grid points in the after row (>= 3)")
-    p.add_argument("--awq-batch", type=int, default=1, help="calibration batch size of the AWQ after row")
+    p.add_argument("--awq-batch", type=int, default=1, help="calibration batch size of the AWQ after and autocast rows")
+    p.add_argument("--awq-autocast", default="bfloat16", help="calibration.autocast of the awq-autocast row")
     p.add_argument("--gptq-batch", type=int, default=16, help="calibration batch size of the GPTQ after row")
     p.add_argument("--ppl-docs", type=int, default=20, help="WikiText-2 documents for the perplexity (<= 40)")
     p.add_argument("--ppl-doc-tokens", type=int, default=1024, help="tokens per document")
@@ -102,8 +107,7 @@ def main() -> None:
         rc, wall = run_cell([MODEL, *overrides, *task], env, store, cache)
         run = finished_run(store) if rc == 0 else None
         results[name] = {"method": method, "rc": rc, "cell_s": wall, "quantize_s": metric(run, "quantize/wall_s"),
-                         "stage_s": metric(run, "quantize/stage_wall_s"), "ppl": metric(run, "/word_perplexity"),
-                         "ppl_se": metric(run, "/word_perplexity_stderr"), "log": store / "log.txt"}
+                         "stage_s": metric(run, "quantize/stage_wall_s"), "ppl": metric(run, "/word_perplexity"), "log": store / "log.txt"}
         r = results[name]
         print(f"[bench] {name}: rc={rc} quantize {fmt(r['quantize_s'])} s, ppl {fmt(r['ppl'], 3)}", flush=True)
 

@@ -38,7 +38,7 @@ HASHED_AS = (("py:qllm.tasks.twins.", "py:qllm.twins."), ("py:qllm.tasks.wikitex
 ADDED_FIELDS = {"runner": None, "settings": {}}
 # Calibration fields added after keys were first defined (issue 13: oneshot's batch_size), hashed only when set, so
 # every earlier checkpoint keeps its quant key.
-CALIBRATION_ADDED = {"batch_size": 1}
+CALIBRATION_ADDED = {"batch_size": 1, "autocast": None}
 # What makes a judge's verdicts differ (JudgeConfig): in the cell key of dialogue cells and in judgment keys.
 JUDGE_IDENTITY = ("kind", "base_url", "model", "temperature", "max_tokens", "server", "server_version", "dtype",
                   "pairwise", "constrain_verdict")

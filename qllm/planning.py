@@ -57,6 +57,7 @@ def plan_cell(cfg: DictConfig, check_sources: bool = True) -> Cell:
     calibration = c["calibration"] if method.get("calibrate") else None
     if calibration:
         _check_calibration(calibration, data_dir, check_sources)
+        _check_autocast(calibration.get("autocast"), recipe.as_llmcompressor() if bits else {})
     task_entries = _plan_tasks(c["task"], data_dir, calibration, check_sources)
     ev = c["eval"]
     backend = backends.get(ev["backend"])
@@ -183,6 +184,24 @@ def _check_calibration(calibration: dict, data_dir: str, check_sources: bool = T
         raise QllmConfigError(f"calibration.source={calibration['source']!r}; valid: local_text, hub")
     if calibration["source"] == "local_text" and check_sources:
         tasks.check_data_files(f"calibration '{calibration['name']}'", [calibration["path"]], data_dir)
+
+
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+# modifiers whose statistics would be computed in the autocast dtype (GPTQ accumulates its Hessian with matmuls)
+AUTOCAST_REFUSED = {"GPTQModifier": "GPTQ's Hessian (X Xᵀ) and its updates are matmuls that autocast would run in "
+                                    "the low dtype"}
+
+
+def _check_autocast(autocast: Optional[str], recipe: dict) -> None:
+    if autocast is None:
+        return
+    if autocast not in AUTOCAST_DTYPES:
+        raise QllmConfigError(f"calibration.autocast={autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} or null")
+    stages = recipe.get("quant_stage", {}).values() if recipe else []
+    for name in [m for stage in stages for m in stage]:
+        if name in AUTOCAST_REFUSED:
+            raise QllmConfigError(f"calibration.autocast={autocast} cannot be used with {name}: "
+                                  f"{AUTOCAST_REFUSED[name]}; use it with AWQ or SmoothQuant, or set it to null")
 
 
 def _check_eval(ev: dict) -> None:

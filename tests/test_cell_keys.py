@@ -94,3 +94,10 @@ def test_calibration_batch_size_enters_the_quant_key_only_when_set(plan):
                              (["calibration.batch_size=1"], [], ["calibration.batch_size=16"]))
     assert one.quant_key == default.quant_key != sixteen.quant_key
     assert sixteen.calibration["batch_size"] == 16
+
+
+def test_calibration_autocast_enters_the_quant_key_only_when_set(plan):
+    """Calibration in fp32 (no autocast) is how every earlier checkpoint was made; bf16 forwards pick other scales."""
+    off, default, bf16 = (plan(["method=awq", *extra]) for extra in
+                          (["calibration.autocast=null"], [], ["calibration.autocast=bfloat16"]))
+    assert off.quant_key == default.quant_key != bf16.quant_key

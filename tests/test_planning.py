@@ -142,6 +142,7 @@ def test_suites_and_twins_are_consistent():
     ("calibration.max_seq_len=0", "calibration.max_seq_len must be a positive integer; got 0"),
     ("calibration.batch_size=0", "calibration.batch_size must be a positive integer; got 0"),
     ("calibration.batch_size=65", "calibration.batch_size=65 exceeds calibration.num_samples=64"),
+    ("calibration.autocast=int8", "calibration.autocast='int8'; valid: bfloat16, float16 or null"),
     ("task.limit=-1", "task.limit must be a positive integer or null (no cap); got -1"),
     ("task.max_gen_toks=0", "task.max_gen_toks must be a positive integer or null (no cap); got 0"),
     ("task.tasks.wikitext_offline.max_doc_tokens=-5",
@@ -162,6 +163,13 @@ def test_bad_values_fail_at_planning_naming_the_key(data_dir, override, message)
     with pytest.raises(QllmConfigError) as e:
         plan("method=gptq", override, data_dir=data_dir)
     assert message in str(e.value)
+
+
+def test_autocast_is_refused_for_gptq_and_kept_for_awq(data_dir):
+    """GPTQ's Hessian would be accumulated by bf16 matmuls under autocast: refused with the reason."""
+    with pytest.raises(QllmConfigError, match="cannot be used with GPTQModifier: GPTQ's Hessian"):
+        plan("method=gptq", "calibration.autocast=bfloat16", data_dir=data_dir)
+    assert plan("method=awq", "calibration.autocast=bfloat16", data_dir=data_dir).calibration["autocast"] == "bfloat16"
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -141,8 +141,24 @@ def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, list[str
             workarounds.append("llmcompressor AWQ grid search runs attention as SDPA (calibration forces eager)")
     if process.world_size() > 1 and compat.gptq_broadcast_unshared_cpu_modules():
         workarounds.append("llmcompressor broadcasts CPU modules' quantized weights across ranks")
-    oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
+    with _autocast(cell.calibration):
+        oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
     return n_tokens, n_samples, workarounds
+
+
+def _autocast(calibration: dict | None) -> contextlib.AbstractContextManager:
+    """calibration.autocast: the calibration forwards' GEMMs in bf16/fp16 (weights stay in the model's dtype, so
+    the saved checkpoint's dtype is unchanged); checked at planning (not with GPTQ)."""
+    import torch
+
+    dtype = (calibration or {}).get("autocast")
+    if not dtype:
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # cache_enabled=False: autocast caches the low-dtype copy of each weight (leaf tensors needing grad) for the
+    # whole context, and AWQ's grid search rewrites weight.data in place between forwards; with the cache every grid
+    # point would be scored with the first weights (loss 0)
+    return torch.autocast(device_type=device, dtype=getattr(torch, dtype), cache_enabled=False)
 
 
 def _quantize(cell: Cell, out: Path, force: bool, prof: profiling.StageProfiler) -> Manifest:

@@ -75,3 +75,20 @@ def test_from_main_broadcasts_over_the_process_group():
         assert quantize._from_main(True) is True and quantize._from_main(False) is False
     finally:
         dist.destroy_process_group()
+
+
+def test_autocast_sees_weights_rewritten_in_place():
+    """AWQ's grid search rewrites weight.data between forwards; autocast's weight cache would score every grid point
+    with the first weights (measured: best_error 0.000 on every mapping). qllm's autocast context has no cache."""
+    import torch
+
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    with quantize._autocast({"autocast": "bfloat16"}):
+        first = layer(x)
+        assert first.dtype == torch.bfloat16
+        layer.weight.data.mul_(2)
+        second = layer(x)
+    assert not torch.equal(first, second)
+    with quantize._autocast({"autocast": None}):
+        assert layer(x).dtype == torch.float32
