@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import shutil
 import tempfile
@@ -138,6 +139,16 @@ def _run_speed(cell: Cell, backend: EvalBackend, lm: Any, weights: _Weights, fir
     return speed
 
 
+@functools.lru_cache(maxsize=1)
+def _task_manager() -> Any:
+    """One lm-eval TaskManager per stage process, shared by its tasks: building one indexes every task YAML lm-eval
+    ships (measured: 9-12 s on 2 cores), and simple_evaluate builds a new one per call unless it is given one. The
+    same metadata simple_evaluate would give it (the LM is an object, so no model_args: {})."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(metadata={})
+
+
 def _evaluate_task(cell: Cell, backend: EvalBackend, lm: Any, key: str, out_dir: Path) -> TaskResult:
     from lm_eval import simple_evaluate
 
@@ -155,6 +166,7 @@ def _evaluate_task(cell: Cell, backend: EvalBackend, lm: Any, key: str, out_dir:
     res = simple_evaluate(
         model=lm,
         tasks=[task],
+        task_manager=_task_manager(),
         num_fewshot=entry["num_fewshot"] if isinstance(task, str) else None,  # inline configs carry their own
         gen_kwargs=spec.gen_kwargs(entry),
         limit=entry["limit"],
