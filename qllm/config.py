@@ -114,8 +114,8 @@ class CalibrationConfig:
     # SmolLM2 it changes little (the forward is arithmetic-bound); on tiny-width models it removes per-step overhead
     batch_size: int = 1
     # run calibration's forwards under torch.autocast in this dtype (bfloat16 | float16); weights, statistics and the
-    # saved checkpoint stay in the model's dtype. AWQ and SmoothQuant only (GPTQ's Hessian would be accumulated in
-    # the low dtype); in the quant key only when set. On a CPU with AMX bf16 GEMMs are ~4x faster than fp32
+    # saved checkpoint stay in the model's dtype. Refused with GPTQ (its Hessian would be accumulated in the low
+    # dtype), so with smoothquant too (its recipe ends with GPTQ); in the quant key only when set. On a CPU with AMX bf16 GEMMs are ~4x faster than fp32
     autocast: Optional[str] = None
     seed: int = 0
 

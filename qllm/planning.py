@@ -201,7 +201,7 @@ def _check_autocast(autocast: Optional[str], recipe: dict) -> None:
     for name in [m for stage in stages for m in stage]:
         if name in AUTOCAST_REFUSED:
             raise QllmConfigError(f"calibration.autocast={autocast} cannot be used with {name}: "
-                                  f"{AUTOCAST_REFUSED[name]}; use it with AWQ or SmoothQuant, or set it to null")
+                                  f"{AUTOCAST_REFUSED[name]}; use it with AWQ or another method without GPTQ (qllm's smoothquant ends with GPTQ), or set it to null")
 
 
 def _check_eval(ev: dict) -> None:

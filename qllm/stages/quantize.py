@@ -148,7 +148,7 @@ def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, list[str
 
 def _autocast(calibration: dict | None) -> contextlib.AbstractContextManager:
     """calibration.autocast: the calibration forwards' GEMMs in bf16/fp16 (weights stay in the model's dtype, so
-    the saved checkpoint's dtype is unchanged); checked at planning (not with GPTQ)."""
+    the saved checkpoint's dtype is unchanged); checked at planning (refused with GPTQ)."""
     import torch
 
     dtype = (calibration or {}).get("autocast")
