@@ -37,13 +37,12 @@ MODEL = "model=smollm2-135m-instruct"
 
 def rows(a: argparse.Namespace) -> dict[str, tuple[str, list[str], dict[str, str]]]:
     """name -> (method, overrides, extra env)."""
+    awq_after = ["method=awq", "bits=4", f"method.settings.n_grid={a.awq_n_grid}"] \
+        + ([f"calibration.batch_size={a.awq_batch}"] if a.awq_batch > 1 else [])
     return {
         "awq-before": ("awq", ["method=awq", "bits=4"], {"QLLM_COMPAT_OFF": "awq_sdpa_grid_search"}),
-        "awq-after": ("awq", ["method=awq", "bits=4", f"method.settings.n_grid={a.awq_n_grid}"]
-                      + ([f"calibration.batch_size={a.awq_batch}"] if a.awq_batch > 1 else []), {}),
-        "awq-autocast": ("awq", ["method=awq", "bits=4", f"method.settings.n_grid={a.awq_n_grid}",
-                                 f"calibration.autocast={a.awq_autocast}"]
-                         + ([f"calibration.batch_size={a.awq_batch}"] if a.awq_batch > 1 else []), {}),
+        "awq-after": ("awq", awq_after, {}),
+        "awq-autocast": ("awq", [*awq_after, f"calibration.autocast={a.awq_autocast}"], {}),
         "gptq-before": ("gptq", ["method=gptq", "bits=4"], {}),
         "gptq-after": ("gptq", ["method=gptq", "bits=4", f"calibration.batch_size={a.gptq_batch}"], {}),
     }
@@ -107,7 +106,8 @@ def main() -> None:
         rc, wall = run_cell([MODEL, *overrides, *task], env, store, cache)
         run = finished_run(store) if rc == 0 else None
         results[name] = {"method": method, "rc": rc, "cell_s": wall, "quantize_s": metric(run, "quantize/wall_s"),
-                         "stage_s": metric(run, "quantize/stage_wall_s"), "ppl": metric(run, "/word_perplexity"), "log": store / "log.txt"}
+                         "stage_s": metric(run, "quantize/stage_wall_s"), "ppl": metric(run, "/word_perplexity"),
+                         "log": store / "log.txt"}
         r = results[name]
         print(f"[bench] {name}: rc={rc} quantize {fmt(r['quantize_s'])} s, ppl {fmt(r['ppl'], 3)}", flush=True)
 
