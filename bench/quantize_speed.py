@@ -38,6 +38,7 @@ MODEL = "model=smollm2-135m-instruct"
 def rows(a: argparse.Namespace) -> dict[str, tuple[str, list[str], dict[str, str]]]:
     """name -> (method, overrides, extra env)."""
     awq_after = ["method=awq", "bits=4", f"method.settings.n_grid={a.awq_n_grid}"] \
+        + ([f"method.settings.duo_scaling={a.awq_duo_scaling}"] if a.awq_duo_scaling != "true" else []) \
         + ([f"calibration.batch_size={a.awq_batch}"] if a.awq_batch > 1 else [])
     return {
         "awq-before": ("awq", ["method=awq", "bits=4"], {"QLLM_COMPAT_OFF": "awq_sdpa_grid_search"}),
@@ -81,6 +82,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="awq-before,awq-after,awq-autocast,gptq-before,gptq-after")
     p.add_argument("--awq-n-grid", type=int, default=6, help="AWQ grid points in the after row (>= 3)")
+    p.add_argument("--awq-duo-scaling", default="true", choices=["true", "false", "both"],
+                   help="AWQ's duo_scaling in the after and autocast rows (false: activation-only scales, n_grid points)")
     p.add_argument("--awq-batch", type=int, default=1, help="calibration batch size of the AWQ after and autocast rows")
     p.add_argument("--awq-autocast", default="bfloat16", help="calibration.autocast of the awq-autocast row")
     p.add_argument("--gptq-batch", type=int, default=16, help="calibration batch size of the GPTQ after row")
