@@ -9,6 +9,7 @@ COMMANDS = {"run": "compose and run cells (Hydra overrides; -m sweeps)", "cache"
             "compare-backends": "one checkpoint through two backends: per-item agreement, paired delta, verdict",
             "judge": "judge the dialogue answers (MT-Bench) of finished runs; verdicts logged into them",
             "plan": "the memory plan of cells (Hydra overrides; -m sweeps): peak per stage and device, launch",
+            "sensitivity": "per-layer SQNR of candidate quantizers (Hydra overrides): table, heatmap, checks",
             "sbatch": "dry run of a SLURM sweep: its jobs and the sbatch script, submitting nothing"}
 
 
@@ -35,6 +36,10 @@ def main() -> None:
         from .plan.cli import main as plan_main
 
         raise SystemExit(plan_main())
+    elif cmd == "sensitivity":
+        from .sensitivity.cli import main as sensitivity_main
+
+        raise SystemExit(sensitivity_main())
     elif cmd == "sbatch":
         from .sbatch import main as sbatch_main
 

@@ -1,5 +1,6 @@
 """`qllm cache` (or `python -m qllm.cache`): list, verify and prune the cache of converted models, quantized
-checkpoints, finished task evaluations and speed benchmarks (the cache itself: qllm.store.cache).
+checkpoints, finished task evaluations, speed benchmarks, KL references and results and sensitivity tables (the
+cache itself: qllm.store.cache).
 
     qllm cache ls                     entries with sizes, status and last use
     qllm cache verify [--quarantine]  every quantized checkpoint against its manifest (sha256)
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import sys
 import time
@@ -18,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .store.cache import (KINDS, LEFTOVER_MARKS, default_cache_dir, is_locked, load_eval, lock_path, quarantine,
-                          read_manifest, verify)
+from .store.cache import (KINDS, KL_REFERENCE, KL_REFERENCE_INFO, LEFTOVER_MARKS, SENSITIVITY_TABLE, default_cache_dir,
+                          is_locked, load_eval, lock_path, quarantine, read_manifest, verify)
 
 
 @dataclass
 class Entry:
-    kind: str  # quantized | models | evals | speed | judgments
+    kind: str  # quantized | models | evals | speed | judgments | kl_reference | kl | sensitivity
     path: Path
     bytes: int
     status: str  # ok | incomplete | leftover | corrupt (verify) | in use (being written now)
@@ -42,6 +44,12 @@ class Entry:
             return f"{i.get('task', '?')} on {i.get('cell', '?')}"
         if self.kind == "speed" and i:
             return f"speed benchmark of {i.get('cell', '?')}"
+        if self.kind == "kl" and i:
+            return f"KL vs baseline of {i.get('cell', '?')}"
+        if self.kind == "sensitivity" and i:
+            return f"sensitivity table: {i['layers']} layers x {i['candidates']} candidates"
+        if self.kind == "kl_reference" and i:
+            return f"KL reference of {i.get('model', '?')} ({i.get('n_tokens', '?')} tokens)"
         return f"base model {i['model']}" if self.kind == "models" and i else ""
 
 
@@ -63,8 +71,18 @@ def _read(kind: str, p: Path) -> dict:
     """What an entry holds ({} when it is incomplete)."""
     if kind == "quantized":
         return read_manifest(p) or {}
-    if kind in ("evals", "speed"):
+    if kind in ("evals", "speed", "kl"):
         return load_eval(p, need_samples=False) or {}
+    if kind == "kl_reference":  # complete when both files are there (written together, renamed into place)
+        with contextlib.suppress(OSError, ValueError):
+            if (p / KL_REFERENCE).is_file():
+                return json.loads((p / KL_REFERENCE_INFO).read_text())
+        return {}
+    if kind == "sensitivity":
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            t = json.loads((p / SENSITIVITY_TABLE).read_text())
+            return {"layers": len(t["sqnr"]), "candidates": len(t["settings"]["candidates"])}
+        return {}
     if kind == "judgments":  # one judge's verdicts, each its own whole file
         n = sum(1 for _ in p.glob("*/*.json"))
         return {"verdicts": n} if n else {}

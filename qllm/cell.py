@@ -11,7 +11,12 @@ reorganisation of issue 10):
     task key  = H(quant_key, that task, evaluation settings but log_samples, evaluation library versions)
     speed key = H(quant_key, speed settings, evaluation settings, evaluation library versions)
 
-The evaluation library versions are those of the cell's backend only (EvalBackend.libraries).
+The evaluation library versions are those of the cell's backend only (EvalBackend.libraries). The KL measurement
+(`profile.kl*`) enters none of these: like the memory profile it is measured besides, so a finished cell keeps its
+key; its cache entries have their own keys:
+
+    KL reference key = H(base model identity, KL settings, torch and transformers versions)
+    KL key           = H(quant_key, KL settings, evaluation library versions)
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ CALIBRATION_ADDED = {"batch_size": 1, "autocast": None}
 # What makes a judge's verdicts differ (JudgeConfig): in the cell key of dialogue cells and in judgment keys.
 JUDGE_IDENTITY = ("kind", "base_url", "model", "temperature", "max_tokens", "server", "server_version", "dtype",
                   "pairwise", "constrain_verdict")
+# The KL measurement's settings (ProfileConfig), hashed only into its own cache entries' keys (see the module doc)
+KL_SETTINGS = ("kl_docs", "kl_doc_tokens", "kl_top_k")
+KL_REFERENCE_LIBS = ("torch", "transformers")  # what changes the baseline's forward pass, hence the reference
 
 
 def versions(names: tuple[str, ...]) -> dict[str, str]:
@@ -114,6 +122,20 @@ def judge_identity(judge: Optional[dict]) -> Optional[dict]:
     return ident
 
 
+def model_identity(model: dict) -> dict:
+    """What identifies a model's weights, as hashed (MODEL_IDENTITY, plus a local dir's `content`)."""
+    ident = {k: model.get(k) for k in MODEL_IDENTITY}
+    if model.get("content"):
+        ident["content"] = model["content"]
+    return ident
+
+
+def kl_settings(profile: dict) -> Optional[dict]:
+    """The KL measurement's settings when it runs (profile.kl, true by default), else None. Never in the cell, quant
+    or task keys."""
+    return {k: profile[k] for k in KL_SETTINGS} if profile.get("kl") else None
+
+
 def speed_settings(profile: dict) -> Optional[dict]:
     """The speed benchmark's settings when it runs (they enter the keys), else None."""
     return {k: v for k, v in profile.items() if k.startswith("speed_")} if profile["speed"] else None
@@ -132,9 +154,7 @@ class Keys:
     def of(cls, *, model: dict, method: str, bits: Optional[int], recipe: dict, calibration: Optional[dict],
            seed: int, tasks: dict, eval_settings: dict, eval_versions: dict[str, str],
            speed: Optional[dict], judge: Optional[dict] = None) -> "Keys":
-        model_id = {k: model.get(k) for k in MODEL_IDENTITY}
-        if model.get("content"):
-            model_id["content"] = model["content"]
+        model_id = model_identity(model)
         quant_versions = versions(QUANT_LIBS) if bits else {}
         quant = digest({"model": model_id, "method": method, "bits": bits,
                         "recipe": hashed_recipe(recipe) if bits else {}, "calibration": hashed_calibration(calibration),
@@ -175,6 +195,7 @@ class Cell:
     profile: dict  # what to measure besides accuracy (memory, sizes, speed)
     speed_key: Optional[str]  # the speed benchmark's cache key (None: speed not measured)
     judge: Optional[dict] = None  # the judge of its dialogue tasks (None: it has none)
+    sensitivity: Optional[dict] = None  # the `sensitivity:` settings (profile.sensitivity; in no key)
 
     @property
     def name(self) -> str:
@@ -212,6 +233,21 @@ class Cell:
                                    recipe={}, calibration=None, tasks=tasks, quant_versions=keys.quant_versions,
                                    quant_key=keys.quant, key=keys.cell, task_keys=keys.tasks,
                                    profile={**self.profile, "speed": False}, speed_key=None)
+
+    @property
+    def kl_reference_key(self) -> Optional[str]:
+        """The key of the base model's KL reference (qllm.measure.kl) in the cache; None when KL is off. Versions as
+        this process imports them: the stage that makes or reads the reference asks."""
+        settings = kl_settings(self.profile)
+        return digest({"model": model_identity(self.model), "kl": settings, "versions": versions(KL_REFERENCE_LIBS)}) \
+            if settings else None
+
+    @property
+    def kl_key(self) -> Optional[str]:
+        """The key of this cell's KL result in the cache; None when KL is off."""
+        settings = kl_settings(self.profile)
+        return digest({"quant_key": self.quant_key, "kl": settings, "versions": self.eval_versions}) \
+            if settings else None
 
     def to_json(self) -> str:
         # not sort_keys: a recipe's modifiers are applied in their order (the stage reads the recipe from here)

@@ -175,8 +175,8 @@ class LaunchConfig:
 
 @dataclass
 class ProfileConfig:
-    """What each cell measures beyond accuracy. Memory and sizes are cheap and on by default; speed and CUDA
-    allocator snapshots cost time and are opt-in."""
+    """What each cell measures beyond accuracy. Memory, sizes and KL against the baseline are cheap and on by default;
+    speed and CUDA allocator snapshots cost time and are opt-in."""
 
     enabled: bool = True  # false: no memory profile or system metrics (the bench/ baseline for overhead)
     memory_timeline: bool = True  # per stage: sampled memory over time as CSV + PNG artifacts
@@ -190,6 +190,33 @@ class ProfileConfig:
     speed_warmup: int = 1
     speed_repeats: int = 3
     speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    # the cell's per-layer sensitivity table (qllm.sensitivity, `sensitivity:` settings) logged with it: quantized cells
+    # with calibration data; in no key (it does not change the checkpoint)
+    sensitivity: bool = False
+    # KL(baseline || quantized) of next-token distributions on the first kl_docs WikiText-2 test documents
+    # (kl_doc_tokens tokens each), from the baseline's top kl_top_k log-probs stored once (qllm.measure.kl; hf backend
+    # only). In no cell key: a finished cell keeps its key (qllm.cell.KL_SETTINGS)
+    kl: bool = True
+    kl_docs: int = 4
+    kl_doc_tokens: int = 512
+    kl_top_k: int = 1024  # 4.7% below the exact KL on SmolLM2 at W4 (64: 17-22% below); 16 MB per reference
+
+
+@dataclass
+class SensitivityConfig:
+    """`qllm sensitivity`, profile.sensitivity: which candidate quantizers each linear layer is measured with (SQNR of
+    its output, quantized alone, on the calibration activations) and the end-to-end check (qllm/sensitivity/)."""
+
+    candidates: list[str] = field(default_factory=lambda: ["rtn-w3g64", "rtn-w4g64", "rtn-w8g64", "gptq-w3g64",
+                                                           "gptq-w4g64", "gptq-w8g64"])
+    reference: str = "gptq-w4g64"  # the candidate that ranks layers (end-to-end check, seed stability)
+    # perplexity with only one layer quantized by e2e_candidate (its lowest width: damage above the noise of a few
+    # documents), for the e2e_layers most and least sensitive layers by its SQNR (0: off)
+    e2e_layers: int = 4
+    e2e_candidate: str = "rtn-w3g64"
+    e2e_docs: int = 8  # WikiText-2 test documents of that check (its first ones; calibration skips the first 40)
+    e2e_doc_tokens: int = 512
+    block_size: int = 32  # GPTQ's lazy-batch width for the candidates (same result as 128 up to rounding, ~4x faster)
 
 
 @dataclass
@@ -218,6 +245,7 @@ class QllmConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     bits: int = 4
     seed: int = 0
     data_dir: str = MISSING

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .cell import Cell
-from .names import speed_metric
+from .names import KL_MEAN, KL_P99, KL_TOP1_AGREEMENT, speed_metric
 from .records import EvalResult, QuantizeResult
 from .tasks.results import primary_key
 
@@ -38,6 +38,9 @@ def print_summary(cell: Cell, results: EvalResult, run_id: str, uri: str, quant:
                       f"{', reused from cache' if quant.reused else ''})")
     for part in _cost_lines(costs, f"{speed_kind} speed, {cell.eval['backend']}"):
         console.print(f"cost: {part}")
+    if KL_MEAN in costs:
+        console.print(f"KL vs baseline: {costs[KL_MEAN]:.4g} nats/token (p99 {costs[KL_P99]:.4g}), top-1 agreement "
+                      f"{100 * costs[KL_TOP1_AGREEMENT]:.1f}%")
     console.print(f"MLflow: run {run_id} in {uri} — browse with `make ui` (experiment runs under 'Model training')")
 
 

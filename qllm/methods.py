@@ -54,9 +54,15 @@ _PRESETS = {"W8A8": Scheme("int", 8, True, None, "int8"), "FP8_DYNAMIC": Scheme(
 
 def scheme_of(modifiers: dict[str, Any]) -> Scheme:
     """The scheme a recipe's last quantizing modifier applies (a preset name or a weights config group); one
-    scheme per recipe (a recipe of several config groups is mixed precision: the first group's scheme)."""
+    scheme per recipe (a recipe of several config groups is mixed precision: the first group's scheme; a planned
+    `mixed` recipe: its narrowest candidate, the kernel every backend must have)."""
     found = Scheme()
-    for kwargs in modifiers.values():
+    for name, kwargs in modifiers.items():
+        if name == "QllmMixedPrecision":
+            from .sensitivity.candidates import parse
+
+            c = min(parse(kwargs["candidates"]), key=lambda c: (c.bits, c.group_size or 1 << 30))
+            return Scheme("int", c.bits, c.symmetric, c.group_size)
         if kwargs.get("scheme") in _PRESETS:
             found = _PRESETS[kwargs["scheme"]]
         for group in (kwargs.get("config_groups") or {}).values():
@@ -129,3 +135,31 @@ def smoothquant(bits: int, ignore: list[str], smoothing_strength: float = 0.8, d
 def fp8(bits: int, ignore: list[str]) -> Recipe:
     mod = {"ignore": list(ignore), "targets": ["Linear"], "scheme": "FP8_DYNAMIC"}
     return Recipe("W8A8 fp8 e4m3 (per-channel weights, dynamic per-token activations)", {"QuantizationModifier": mod})
+
+
+def mixed(bits: int, ignore: list[str], target_bits: float = 4.5,
+          candidates: Optional[list[str]] = None, actorder: Optional[str] = "static", dampening_frac: float = 0.01,
+          block_size: int = 128) -> Recipe:
+    """Per-layer (bits, group size) chosen by qllm.sensitivity from each layer's measured SQNR, under an average of
+    `target_bits` stored bits per quantized weight; GPTQ quantizes every layer at its choice. The layers' choices
+    are made in the quantize stage (they need the model): the recipe planned here is the spec, in the quant key."""
+    import math
+
+    from .sensitivity.candidates import parse
+
+    cands = parse(list(candidates or ["gptq-w4ch", "gptq-w4g64", "gptq-w8g64"]))
+    other = [c.label for c in cands if c.method != "gptq"]
+    if other:
+        raise QllmConfigError(f"method=mixed: candidates {', '.join(other)} are not GPTQ; one GPTQModifier quantizes "
+                              "every layer at its chosen width, so every candidate must be gptq-w<bits>g<group>")
+    cheapest = min(c.bits_per_weight(1 << 14) for c in cands)
+    if target_bits < cheapest:
+        raise QllmConfigError(f"method.settings.target_bits={target_bits}: below the cheapest candidate's "
+                              f"~{cheapest:.2f} bits per weight; valid: >= that")
+    groups = [c.group_size for c in cands if c.group_size]
+    spec = {"candidates": [c.label for c in cands], "target_bits": float(target_bits), "objective": "summed_nsr",
+            "actorder": actorder}
+    gptq = {"ignore": list(ignore), "dampening_frac": dampening_frac, "block_size": block_size}
+    widths = "/".join(f"W{b}" for b in sorted({c.bits for c in cands}))
+    return Recipe(f"mixed {widths} int (<= {target_bits:g} bits/weight, per-layer by SQNR)",
+                  {"QllmMixedPrecision": spec, "GPTQModifier": gptq}, math.lcm(*groups) if groups else None)

@@ -35,6 +35,7 @@ class Kind(str, enum.Enum):
     CELL = "cell"
     SWEEP = "sweep"
     REPORT = "report"
+    SENSITIVITY = "sensitivity"  # `qllm sensitivity`: one model's per-layer table
 
     def __str__(self) -> str:
         return self.value
@@ -103,6 +104,10 @@ SUITE_SCORE = "suite/score_macro"
 QUANTIZE_STAGE_WALL = "quantize/stage_wall_s"
 EVALUATE_STAGE_WALL = "evaluate/stage_wall_s"
 EVALUATE_LOAD_WALL = "evaluate/load_wall_s"  # the model loaded (vLLM: the engine up)
+# KL(baseline || quantized) of next-token distributions, nats (qllm.measure.kl): mean and 99th percentile over tokens
+KL_MEAN = "kl/mean"
+KL_P99 = "kl/p99"
+KL_TOP1_AGREEMENT = "kl/top1_agreement"  # share of tokens whose most likely next token is the baseline's
 
 
 def mem_metric(stage: str, what: str, phase: str | None = None) -> str:

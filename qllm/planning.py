@@ -69,6 +69,8 @@ def plan_cell(cfg: DictConfig, check_sources: bool = True) -> Cell:
         else None
     profile = c["profile"]
     _check_profile(profile)
+    if profile.get("sensitivity"):
+        _check_sensitivity(c["sensitivity"])
     for stage in STAGES:
         _check_launch(stage, c["launch"][stage], c)
 
@@ -82,7 +84,17 @@ def plan_cell(cfg: DictConfig, check_sources: bool = True) -> Cell:
         tasks=task_entries, eval=ev, seed=c["seed"], data_dir=data_dir, cache_dir=cache_dir,
         quant_versions=keys.quant_versions, eval_versions=keys.eval_versions, quant_key=keys.quant,
         key=keys.cell, task_keys=keys.tasks, profile=profile, speed_key=keys.speed, judge=judge,
+        # measured beside a checkpoint made with calibration data (a sweep's baseline and RTN cells have none: the
+        # setting does nothing there; `qllm sensitivity` measures any model)
+        sensitivity=c["sensitivity"] if profile.get("sensitivity") and calibration else None,
     )
+
+
+def _check_sensitivity(conf: dict) -> None:
+    """profile.sensitivity: valid candidates, checked before any cell of a sweep starts."""
+    from .sensitivity.analysis import Settings
+
+    Settings.of(conf)
 
 
 def _plan_judge(judge: dict, task_entries: dict, data_dir: str, check_sources: bool) -> dict:
@@ -211,6 +223,9 @@ def _check_eval(ev: dict) -> None:
 
 
 def _check_profile(profile: dict) -> None:
+    if profile.get("kl"):
+        for key in ("kl_docs", "kl_doc_tokens", "kl_top_k"):
+            _at_least(f"profile.{key}", profile[key])
     if not profile["speed"]:
         return
     sizes = profile["speed_batch_sizes"]

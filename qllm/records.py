@@ -94,6 +94,9 @@ class Manifest(Record):
     checkpoint_bytes: int = 0
     files: dict = field(default_factory=dict)  # relative path -> {bytes, sha256}
     created: str = ""
+    applied_recipe: Optional[dict] = None  # method=mixed: the recipe oneshot ran (the per-layer config groups)
+    allocation: Optional[dict] = None  # method=mixed: each layer's candidate, the budget and the bits spent
+    sensitivity: Optional[dict] = None  # the sensitivity table used or logged: its cache entry and timings
 
 
 @dataclass
@@ -148,6 +151,8 @@ class EvalResult(MeasuredOn):
     evaluated_tasks: list = field(default_factory=list)
     speed: Optional[dict] = None
     speed_reused: bool = False
+    kl: Optional[dict] = None  # KL against the baseline (qllm.measure.kl): quantized cells on the hf backend only
+    kl_reused: bool = False
     device: Optional[str] = None
     backend: str = ""
     speed_note: str = ""
@@ -158,11 +163,12 @@ class EvalResult(MeasuredOn):
 
 @dataclass
 class CachedEval(MeasuredOn):
-    """One finished task (`summary`) or speed benchmark (`speed`) in the cache (`result.json` of its entry), with
-    what identifies the weights it was measured on."""
+    """One finished task (`summary`), speed benchmark (`speed`) or KL measurement (`kl`) in the cache (`result.json`
+    of its entry), with what identifies the weights it was measured on."""
 
     summary: Optional[TaskResult] = None
     speed: Optional[dict] = None
+    kl: Optional[dict] = None
     task: str = ""
     key: str = ""
     cell: str = ""

@@ -33,7 +33,8 @@ from . import console, judging
 from .cell import Cell
 from .errors import QllmConfigError
 from .measure import cost_metrics, profiling, sizes
-from .names import EVALUATE_STAGE_WALL, QUANTIZE_STAGE_WALL, Kind, Status, Tag
+from .names import (EVALUATE_STAGE_WALL, KL_MEAN, KL_P99, KL_TOP1_AGREEMENT, QUANTIZE_STAGE_WALL, Kind, Status,
+                    Tag)
 from .plan import PlanSettings, plan_cell_memory
 from .planning import plan_cell
 from .records import EvalResult, QuantizeResult
@@ -178,6 +179,10 @@ def _log_quantize(quant: QuantizeResult, max_mb: float) -> None:
     mlflow.log_dict({**quant.manifest.to_dict(), "reused": quant.reused}, "manifest.json")
     mlflow.log_metrics({**cost_metrics.quantization(quant.manifest), QUANTIZE_STAGE_WALL: quant.wall_s})
     mlflow.set_tag(Tag.QUANTIZE_REUSED, str(quant.reused).lower())
+    if quant.manifest.sensitivity or quant.manifest.allocation:
+        from .sensitivity import artifacts
+
+        artifacts.log_to_run(quant.manifest)  # the per-layer table, a mixed cell's allocation
     tracking.log_checkpoint(quant, max_mb)
 
 
@@ -206,7 +211,7 @@ def _base_model_dir(path: Optional[str], cell: Cell) -> Optional[Path]:
 
 
 def _log_costs(cell: Cell, quant: Optional[QuantizeResult], results: EvalResult, workdir: Path) -> dict[str, float]:
-    """Size of the evaluated checkpoint, memory of each stage, speed (names: qllm.names)."""
+    """Size of the evaluated checkpoint, memory of each stage, speed, KL against the baseline (names: qllm.names)."""
     metrics: dict[str, float] = {}
     weights = Path(quant.checkpoint) if quant else _base_model_dir(results.model_path, cell)
     if weights is not None:
@@ -222,10 +227,27 @@ def _log_costs(cell: Cell, quant: Optional[QuantizeResult], results: EvalResult,
         metrics |= cost_metrics.speed(results.speed)
         mlflow.set_tags(cost_metrics.speed_tags(results.speed) | {Tag.SPEED_REUSED: str(results.speed_reused).lower()})
         mlflow.log_dict(results.speed, "speed.json")
+    metrics |= _log_kl(results)
     mlflow.log_metrics(metrics)
     if profile_dir.is_dir():
         mlflow.log_artifacts(str(profile_dir), "profile")  # profile JSON, memory CSV + PNG, CUDA snapshots
     return metrics
+
+
+def _log_kl(results: EvalResult) -> dict[str, float]:
+    """A quantized cell's KL against its baseline: its metrics, and kl.json (settings, token count, what the top-k
+    approximation means). A malformed result logs nothing rather than failing the cell."""
+    if not results.kl:
+        return {}
+    try:
+        kl = results.kl
+        metrics = {KL_MEAN: float(kl["mean"]), KL_P99: float(kl["p99"]),
+                   KL_TOP1_AGREEMENT: float(kl["top1_agreement"])}
+        mlflow.log_dict({**kl, "reused": results.kl_reused}, "kl.json")
+        return metrics
+    except Exception as e:  # noqa: BLE001 - KL is measured besides the tasks: it never fails a cell
+        print(f"[qllm] KL against the baseline not logged: {e!r}", file=sys.stderr, flush=True)
+        return {}
 
 
 def _log_stage_logs(workdir: Path) -> None:

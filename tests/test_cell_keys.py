@@ -101,3 +101,26 @@ def test_calibration_autocast_enters_the_quant_key_only_when_set(plan):
     off, default, bf16 = (plan(["method=awq", *extra]) for extra in
                           (["calibration.autocast=null"], [], ["calibration.autocast=bfloat16"]))
     assert off.quant_key == default.quant_key != bf16.quant_key
+
+
+@pytest.mark.parametrize("name", ["default", "rtn-speed-log-samples", "tiny-none"])
+def test_kl_settings_enter_no_key_of_a_cell(plan, name):
+    """KL against the baseline is measured besides (like the memory profile): every `profile.kl*` setting leaves a
+    cell's keys and cache entries as recorded; only the KL result's own key (and its reference's) follow them."""
+    want = RECORD["cells"][name]
+    variants = [["profile.kl=false"], ["profile.kl_docs=1"], ["profile.kl_doc_tokens=128"], ["profile.kl_top_k=16"]]
+    cells = [plan([*want["overrides"], *extra]) for extra in [[], *variants]]
+    for c in cells:
+        assert (c.key, c.quant_key, c.task_keys, c.speed_key) == \
+            (want["key"], want["quant_key"], want["task_keys"], want["speed_key"])
+    default, off, *changed = cells
+    assert default.profile["kl"] is True and default.kl_key and off.kl_key is None and off.kl_reference_key is None
+    assert len({default.kl_key, *(c.kl_key for c in changed)}) == 1 + len(changed)
+    assert len({default.kl_reference_key, *(c.kl_reference_key for c in changed)}) == 1 + len(changed)
+
+
+def test_a_model_has_one_kl_reference_for_all_its_cells(plan):
+    base, rtn, gptq = (plan(RECORD["cells"][n]["overrides"]) for n in ("tiny-none", "tiny-rtn-w4", "tiny-gptq-w4"))
+    assert base.kl_reference_key == rtn.kl_reference_key == gptq.kl_reference_key
+    assert len({base.kl_key, rtn.kl_key, gptq.kl_key}) == 3  # each cell's own result
+    assert plan(RECORD["cells"]["default"]["overrides"]).kl_reference_key != base.kl_reference_key  # another model

@@ -3,7 +3,7 @@
     mem/<stage>/<what>_gb            whole stage process (quantize, evaluate): peak_rss (process + children),
                                      cuda_max_allocated, cuda_max_reserved, device_used (NVML)
     mem/<stage>/<phase>/<what>_gb    one phase of it: load, quantize, save (quantize stage); load, evaluate,
-                                     benchmark (evaluate stage)
+                                     benchmark, kl_reference, kl (evaluate stage)
     mem/<stage>/rank<r>/<what>_gb    a stage run as several ranks (torchrun, accelerate): each rank's peaks;
     mem/<stage>/max_rank/<what>_gb   the largest of them (what one device must hold), mem/<stage>/ranks the count,
     mem/<stage>/ranks_total_rss_gb   and the ranks' RSS added up (what one host holds when they share it)

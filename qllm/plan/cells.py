@@ -105,6 +105,7 @@ def workload_of(cell: Any, arch: Arch) -> Workload:
         gpu_memory_utilization=float(ev.get("gpu_memory_utilization") or 0.9),
         cpu_kv_cache_gb=float(ev.get("cpu_kv_cache_gb") or 1),
         tp=int(ev.get("tensor_parallel_size") or 1), pp=int(ev.get("pipeline_parallel_size") or 1),
+        sensitivity=cell.method == "mixed" or bool(getattr(cell, "sensitivity", None)),
     )
 
 

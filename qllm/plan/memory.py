@@ -153,6 +153,7 @@ class Workload:
     cpu_kv_cache_gb: float = 1.0
     tp: int = 1  # vLLM: eval.tensor_parallel_size as configured
     pp: int = 1  # vLLM: eval.pipeline_parallel_size as configured
+    sensitivity: bool = False  # the quantize stage measures a sensitivity table first (method=mixed, profile.sensitivity)
 
     @property
     def b(self) -> int:
@@ -245,14 +246,29 @@ def rewritten_weights_gb(arch: Arch, w: Workload) -> float:
     return arch.linear_params * w.b / GB if w.quantized else 0.0
 
 
+GPTQ_METHODS = ("gptq", "smoothquant", "mixed")  # recipes with a GPTQModifier
+
+
 def hessians_gb(arch: Arch, w: Workload) -> float:
-    if w.method not in ("gptq", "smoothquant"):
+    if w.method not in GPTQ_METHODS:
         return 0.0
     return sum(i * i for _, i in arch.linear_shapes.values()) * 4 / GB
 
 
+def sensitivity_gb(arch: Arch, w: Workload) -> float:
+    """qllm.sensitivity's capture: every layer's input second moment at once (float32; q/k/v and gate/up share one),
+    plus one quantizer call's stacked copies of same-shape weights and moments (at most 2 GiB, or one layer's:
+    qllm.sensitivity.analysis.batch_size)."""
+    if not w.sensitivity:
+        return 0.0
+    h, q, i = arch.hidden, arch.heads * arch.head_dim, arch.intermediate
+    moments = arch.layers * (2 * h * h + q * q + i * i) * 4
+    one = max((3 * o * n + 2 * n * n) * 4 for o, n in arch.linear_shapes.values())
+    return (moments + max(one, min(32 * one, 2 * 1024 ** 3))) / GB
+
+
 def gptq_workspace_gb(arch: Arch, w: Workload) -> float:
-    if w.method not in ("gptq", "smoothquant"):
+    if w.method not in GPTQ_METHODS:
         return 0.0
     return max(2 * o * i * 4 + 2 * i * i * 4 for o, i in arch.linear_shapes.values()) / GB
 
@@ -286,6 +302,7 @@ def quantize_host(arch: Arch, w: Workload, on_gpu: bool) -> Estimate:
     parts = {"runtime": RUNTIME_GB["quantize"] + QUANT_STATE_GB + (CALIB_STATE_GB if w.calibrated else 0.0),
              "weights": dense_weights_gb(arch, w.b), "rewritten weights": rewritten_weights_gb(arch, w),
              "calibration cache": calibration_cache_gb(arch, w)}
+    parts["sensitivity moments"] = sensitivity_gb(arch, w)  # measured on the host, before calibration
     if not on_gpu:
         parts |= {"Hessians": hessians_gb(arch, w), "GPTQ workspace": gptq_workspace_gb(arch, w),
                   "AWQ cache": awq_cache_gb(arch, w), "activations": sample_activations_gb(arch, w)}

@@ -30,6 +30,10 @@ FORMULAS = [
     "**flips**: lost = share of items right at baseline and wrong quantized, gained = the reverse; flips = lost + "
     "gained.",
     "**Spearman ρ**: rank correlation across cells (ties share their mean rank); p from the t approximation.",
+    "**KL** = mean over the tokens of the first WikiText-2 test documents of KL(baseline || quantized) of the "
+    "next-token distributions, in nats (`kl/mean`; hf backend only), from the baseline's top-k log-probabilities: "
+    "a lower bound of the exact KL, low by the tail's own KL; **top-1** = share of tokens whose most likely next token "
+    "is the baseline's (`kl/top1_agreement`).",
 ]
 
 
@@ -58,6 +62,7 @@ def summary_view(an: Analysis) -> pd.DataFrame:
     is not significant)."""
     t = an.tasks
     rows = []
+    has_kl = len(an.summary) > 0 and an.summary["kl_mean"].notna().any()
     for _, s in an.summary.iterrows():
         row = {"model": s["model"], "cell": s["cell"], "size GB": fmt(s["size_gb"]) + (
             "*" if str(s["size_source"]).startswith("estimate") else "")}
@@ -68,6 +73,9 @@ def summary_view(an: Analysis) -> pd.DataFrame:
             row[r["task"]] = txt
         row.update({"suite score": fmt(s["suite_score"]), "mean recovery": _pct(s["mean_recovery_pct"]),
                     "worst recovery": _pct(s["worst_recovery_pct"]), "sig. worse tasks": s["n_significantly_worse"]})
+        if has_kl:  # beside recovery: what accuracy deltas can hide
+            row.update({"KL (nats)": fmt(s["kl_mean"], 4),
+                        "top-1 agree": "" if pd.isna(s["kl_top1_agreement"]) else _pct(100 * s["kl_top1_agreement"])})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -87,7 +95,7 @@ def task_view(t: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def compose(an: Analysis, title: str, intro: list[str], figures, out: Path) -> Doc:
+def compose(an: Analysis, title: str, intro: list[str], figures, out: Path, store: Optional[Store] = None) -> Doc:
     doc = Doc(title)
     for line in intro:
         doc.p(line, "note")
@@ -98,7 +106,8 @@ def compose(an: Analysis, title: str, intro: list[str], figures, out: Path) -> D
         doc.p("Nothing: every selected cell was evaluated and has a baseline.")
     doc.h("Summary")
     doc.p("Each task: value (recovery % vs the same model's baseline; **ns**: the delta's 95% CI contains 0). "
-          "Size: `size/disk_gb` (* estimated from the parameter count).")
+          "Size: `size/disk_gb` (* estimated from the parameter count). KL: mean KL(baseline || quantized) per token "
+          "on WikiText-2, top-1 agree: share of tokens with the baseline's most likely next token (where measured).")
     doc.table(summary_view(an))
     doc.h("Per task")
     for task, t in an.tasks.groupby("task", sort=False):
@@ -130,6 +139,17 @@ def compose(an: Analysis, title: str, intro: list[str], figures, out: Path) -> D
                                 "perplexity task": c["perplexity_task"], "task": c["task"], "n": c["n"],
                                 "ρ": c["spearman_rho"].map(fmt),
                                 "p": c["p_value"].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3g}")}))
+    if len(an.proxies):
+        doc.h("Do KL and perplexity predict the accuracy lost? (Spearman, across quantized cells)")
+        doc.p("ρ between each proxy (`kl/mean`, or a perplexity task's delta vs the baseline) and each scored task's "
+              "delta (quantized − baseline), over the quantized cells that have both; negative: the more divergence, "
+              "the more accuracy lost. Perplexity as a proxy for accuracy after quantization: arXiv 2402.16775; KL: "
+              "\"Accuracy is not all you need\" (NeurIPS 2024).")
+        px = an.proxies
+        doc.table(pd.DataFrame({"proxy": px["proxy"], "task Δ": px["task"], "n": px["n"],
+                                "ρ": [r["note"] or fmt(r["spearman_rho"]) for _, r in px.iterrows()],
+                                "p": px["p_value"].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3g}")}))
+    _sensitivity(doc, store, an, out)
     for key, table, note, files in mt_bench.section(an, out / "plots"):
         doc.h(f"MT-Bench: {key} (single-answer rating and the pairwise verdict vs the baseline)")
         doc.p("Single: the judge rates each answer 1-10 (FastChat's single-v1 / single-math-v1 prompts, with GPT-4 "
@@ -163,6 +183,34 @@ def compose(an: Analysis, title: str, intro: list[str], figures, out: Path) -> D
     return doc
 
 
+def _sensitivity(doc: Doc, store: Optional[Store], an: Analysis, out: Path) -> None:
+    """Where quantization hurts: each sensitivity table the cells logged (heatmap, summary), mixed allocations."""
+    if store is None:
+        return
+    from . import sensitivity
+
+    tables, allocations = sensitivity.section(an.evaluated, store, out / "plots")
+    if not tables and not len(allocations):
+        return
+    doc.h("Where quantization hurts: per-layer sensitivity")
+    doc.p("SQNR (dB) of each linear layer's output with only that layer quantized by a candidate, on the calibration "
+          "activations (qllm.sensitivity): lower is more sensitive. End to end: perplexity with only one layer "
+          "quantized, for the most and least sensitive layers.")
+    for t in tables:
+        doc.p(f"Table {t['key']} (cells: {', '.join(t['cells'])}):")
+        doc.ul(t["summary"].splitlines())
+        if t["heatmap"]:
+            doc.img(out / "plots" / t["heatmap"], "per-layer SQNR: blocks down, projections across, one panel per "
+                                                  "candidate (darker: more damage)")
+    if len(allocations):
+        doc.h("Mixed precision: the allocations", 3)
+        doc.p("Each layer's candidate chosen greedily to minimise the summed noise-to-signal ratio under the budget "
+              "of stored bits per quantized weight (scales and shape tensors counted, as size/bits_per_weight_"
+              "quantized counts them).")
+        doc.table(allocations.assign(avg_bits=allocations["avg_bits"].map(lambda v: f"{v:.3f}"),
+                                     **{"summed NSR": allocations["summed NSR"].map(lambda v: f"{v:.4g}")}))
+
+
 def build_report(tracking_uri: Optional[str] = None, experiment: str = "qllm", sweep_ids: Iterable[str] = (),
                  run_ids: Iterable[str] = (), models=None, methods=None, bits=None, tasks=None,
                  out: Optional[Path] = None, log: bool = True, n_boot: int = 2000, title: Optional[str] = None
@@ -190,10 +238,10 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = "qllm", s
                  f"{len(an.evaluated)} evaluated cell(s), {len(an.not_evaluated)} not evaluated; "
                  f"{sum(len(c.duplicates) for c in cells)} duplicate run(s) of the same cells left out."]
         figures = plots.make_all(an, out / "plots")
-        doc = compose(an, title or f"qllm report: {scope}", intro, figures, out)
+        doc = compose(an, title or f"qllm report: {scope}", intro, figures, out, store)
         (out / "report.md").write_text(doc.markdown(out))
         (out / "report.html").write_text(doc.html())
-        for name in ("cells", "tasks", "summary", "difficulty", "correlations"):
+        for name in ("cells", "tasks", "summary", "difficulty", "correlations", "proxies"):
             getattr(an, name).to_csv(out / f"{name}.csv", index=False)
         covered = [c.run_id for c in cells]
         (out / "covered_runs.json").write_text(json.dumps(

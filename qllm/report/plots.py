@@ -173,12 +173,32 @@ def iso_memory(an: Analysis, out: Path) -> Result:
                 h = ax.scatter(f["size_gb"], f["value"], s=140, facecolors="none", edgecolors="#555555", lw=1,
                                zorder=2)
                 handles["Pareto front"] = h
+            notes += _mixed_vs_front(g, task, higher)
             ax.set_xscale("log")
             _plain_log_ticks(ax.xaxis)
             ax.set_xlabel("model size (GB, log scale)")
             ax.set_ylabel(_ylabel(g["unit"].iloc[0], higher))
             ax.set_title(task)
         return _finish(fig, handles, "Iso-memory: score vs model size", out, "iso_memory"), notes
+
+
+def _mixed_vs_front(g, task: str, higher: bool) -> list[str]:
+    """Each method=mixed cell against the Pareto front of the same model's uniform cells: the best uniform score at
+    a size no larger than the mixed cell's (the step the front draws), and by how much it is met or missed."""
+    notes = []
+    for _, r in g[g["method"] == "mixed"].iterrows():
+        uniform = g[(g["method"] != "mixed") & (g["model"] == r["model"]) & (g["size_gb"] <= r["size_gb"])]
+        if not len(uniform):
+            notes.append(f"iso-memory {task}: {r['cell']} is smaller than every uniform cell of {r['model']} "
+                         "(on the front by construction)")
+            continue
+        best = uniform["value"].max() if higher else uniform["value"].min()
+        margin = (r["value"] - best) if higher else (best - r["value"])
+        where = "on or above" if margin >= 0 else "below"
+        notes.append(f"iso-memory {task}: {r['cell']} ({r['size_gb']:.4g} GB, {r['value']:.4g}) is {where} the "
+                     f"uniform cells' Pareto front (best uniform at <= its size: {best:.4g}; margin {margin:+.4g}, "
+                     f"{'higher' if higher else 'lower'} is better)")
+    return notes
 
 
 def ppl_vs_accuracy(an: Analysis, out: Path) -> Result:

@@ -1,4 +1,5 @@
-"""The report's tables, as pandas DataFrames: cells, per task (vs the baseline), summary, difficulty, correlations.
+"""The report's tables, as pandas DataFrames: cells, per task (vs the baseline), summary, difficulty, correlations
+(perplexity as a proxy for accuracy) and proxies (KL and perplexity deltas as predictors of the tasks' deltas).
 
 Every number on the task table is on the task's reported scale: the 0-100 score (`<task>/score`, 100 × the primary
 metric) when the task has one, else the primary metric itself (perplexity, lower is better).
@@ -15,7 +16,7 @@ import pandas as pd
 
 from . import stats
 from .select import EVALUATED, CellRun, Store, TaskSpec
-from ..names import Tag
+from ..names import KL_MEAN, KL_TOP1_AGREEMENT, Tag
 
 SPEED_KEY = "speed/bs1/decode_tok_s"
 RSS_KEY = "mem/evaluate/peak_rss_gb"
@@ -37,6 +38,7 @@ class Analysis:
     missing: list[str] = field(default_factory=list)
     evaluated: list[CellRun] = field(default_factory=list)
     not_evaluated: list[CellRun] = field(default_factory=list)
+    proxies: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _num(x) -> Optional[float]:
@@ -206,9 +208,10 @@ def analyze(cells: list[CellRun], store: Optional[Store] = None, keep_tasks: Opt
         missing.append(f"{c.status} cell {c.name or c.full_label} ({c.run_id}){': ' + c.note if c.note else ''}")
 
     tasks = pd.DataFrame(rows, columns=TASK_COLUMNS)
-    return Analysis(cells=cells_table(cells), tasks=tasks, summary=summary_table(evaluated, tasks),
-                    difficulty=pd.DataFrame(diff_rows), correlations=correlations(tasks), missing=missing,
-                    evaluated=evaluated, not_evaluated=not_evaluated)
+    summary = summary_table(evaluated, tasks)
+    return Analysis(cells=cells_table(cells), tasks=tasks, summary=summary, difficulty=pd.DataFrame(diff_rows),
+                    correlations=correlations(tasks), missing=missing, evaluated=evaluated,
+                    not_evaluated=not_evaluated, proxies=proxy_correlations(summary, tasks))
 
 
 def _paired(store: Optional[Store], c: CellRun, base: CellRun, spec: TaskSpec, scored: bool, n_boot: int, seed: int,
@@ -256,7 +259,8 @@ def _difficulty(c: CellRun, base: CellRun, spec: TaskSpec) -> list[dict]:
 
 def summary_table(evaluated: list[CellRun], tasks: pd.DataFrame) -> pd.DataFrame:
     """One row per evaluated cell: size, suite score, recovery over its scored tasks (mean and worst), perplexity
-    recovery, how many tasks are significantly worse than the baseline, speed and memory when measured."""
+    recovery, how many tasks are significantly worse than the baseline, KL against the baseline (quantized cells on
+    the hf backend), speed and memory when measured."""
     rows = []
     for c in evaluated:
         t = tasks[tasks["run_id"] == c.run_id] if len(tasks) else tasks
@@ -276,6 +280,8 @@ def summary_table(evaluated: list[CellRun], tasks: pd.DataFrame) -> pd.DataFrame
                      "worst_recovery_pct": float(rec.min()) if len(rec) else None,
                      "ppl_recovery_pct": float(prec.mean()) if len(prec) else None,
                      "n_tasks": int(len(t)), "n_significantly_worse": worse,
+                     "kl_mean": _num(c.metrics.get(KL_MEAN)),
+                     "kl_top1_agreement": _num(c.metrics.get(KL_TOP1_AGREEMENT)),
                      "decode_tok_s": _num(c.metrics.get(SPEED_KEY)), "peak_rss_gb": _num(c.metrics.get(RSS_KEY)),
                      "status": c.status, "run_id": c.run_id})
     return pd.DataFrame(rows)
@@ -303,3 +309,32 @@ def correlations(tasks: pd.DataFrame) -> pd.DataFrame:
                 rows.append({"kind": kind, "perplexity_task": p, "task": a, "n": int(ok.sum()), "spearman_rho": rho,
                              "p_value": pval})
     return pd.DataFrame(rows)
+
+
+MIN_CELLS = 3  # fewer quantized cells than this: no correlation is stated
+
+
+def proxy_correlations(summary: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:
+    """Do cheap measures predict the accuracy lost? Spearman ρ across the quantized cells between each proxy and each
+    scored task's delta (quantized − baseline): KL against the baseline (`kl/mean`), and each perplexity task's
+    delta (the perplexity-as-proxy question of arXiv 2402.16775, extended to KL). Expected negative: more KL or more
+    perplexity, lower score. With fewer than MIN_CELLS cells having both, ρ is not given and `note` says so."""
+    if not len(tasks) or not len(summary):
+        return pd.DataFrame()
+    quant = tasks[(tasks["method"] != "none") & tasks["delta"].notna()]
+    kl = summary.set_index("run_id")["kl_mean"].dropna()
+    proxies = {KL_MEAN: kl} if len(kl) else {}  # runs from before KL was measured: no KL row at all
+    for p in sorted(quant.loc[~quant["higher_is_better"].astype(bool), "task"].unique()):
+        proxies[f"{p} Δ"] = quant[quant["task"] == p].set_index("run_id")["delta"].astype(float)
+    rows = []
+    for a in sorted(quant.loc[quant["unit"] == "score (0-100)", "task"].unique()):
+        target = quant[quant["task"] == a].set_index("run_id")["delta"].astype(float)
+        for name, proxy in proxies.items():
+            common = proxy.index.intersection(target.index)
+            rho, pval = stats.spearman(proxy[common].values, target[common].values) if len(common) >= MIN_CELLS \
+                else (None, None)
+            note = (f"too few cells ({len(common)} < {MIN_CELLS})" if len(common) < MIN_CELLS else
+                    "constant values: ρ undefined" if rho is None else "")
+            rows.append({"proxy": name, "task": a, "n": int(len(common)), "spearman_rho": rho, "p_value": pval,
+                         "note": note})
+    return pd.DataFrame(rows, columns=["proxy", "task", "n", "spearman_rho", "p_value", "note"])

@@ -1,10 +1,11 @@
-"""Evaluate stage: a checkpoint (quantized or baseline) + the cell's tasks -> lm-eval results, and the speed
-benchmark when asked.
+"""Evaluate stage: a checkpoint (quantized or baseline) + the cell's tasks -> lm-eval results, the speed benchmark
+when asked, and KL against the baseline (qllm.stages.kl_measure).
 
 Runs in its own process (`python -m qllm.stages.evaluate --cell cell.json --model PATH --out DIR`, under the
 stage's launcher). The cell's evaluation backend (qllm.stages.backends) loads the model once as an lm-eval LM; each
-task is evaluated with its own shots and limit, since lm-eval takes one of each per call. Every finished task and
-the speed benchmark are cached as soon as they finish, so an interrupted cell resumes with what is missing.
+task is evaluated with its own shots and limit, since lm-eval takes one of each per call. Every finished task, the
+speed benchmark and the KL result are cached as soon as they finish, so an interrupted cell resumes with what is
+missing.
 With several ranks (data parallel: lm-eval splits the requests; DeepSpeed AutoTP: every rank runs every request on
 its shard of one model) the main rank alone writes results, per-sample files and cache entries; every rank writes
 its own memory profile (the main rank's in the profile dir, rank r's in `<profile dir>/rank<r>/`).
@@ -27,7 +28,7 @@ from ..measure import profiling
 from ..records import CachedEval, EvalResult, TaskResult
 from ..store import cache
 from ..tasks import results
-from . import backends, process
+from . import backends, kl_measure, process
 from .backends import EvalBackend
 
 
@@ -93,6 +94,18 @@ def _cached_speed(cell: Cell, force: bool) -> Optional[CachedEval]:
     return None
 
 
+def _cached_kl(cell: Cell, force: bool) -> Optional[CachedEval]:
+    """The quantized cell's KL measured earlier with the same settings (its KL key), if any."""
+    if force or not cell.quantized or not cell.kl_key:
+        return None
+    hit = cache.load_eval(cache.kl_dir(cell), need_samples=False)
+    if hit is None or not hit.get("kl"):
+        return None
+    print(f"[qllm] evaluate: kl: reusing the measurement finished {hit['finished']} (key {cell.kl_key}; force=true "
+          "measures again)", flush=True)
+    return CachedEval.from_dict(hit)
+
+
 def _reuse_tasks(cell: Cell, hits: dict[str, CachedEval], weights: _Weights, out_dir: Path) -> dict[str, TaskResult]:
     """The cached tasks' results, with their per-sample files copied into this run's output."""
     per_task = {}
@@ -137,6 +150,24 @@ def _run_speed(cell: Cell, backend: EvalBackend, lm: Any, weights: _Weights, fir
         weights.measure(backend, lm, cell.group_size)
     _save(cell, cache.speed_dirs(cell)[0], weights, {}, speed=speed, task="speed")
     return speed
+
+
+def _run_kl(cell: Cell, backend: EvalBackend, lm: Any, ref: Optional[dict], weights: _Weights,
+            force: bool) -> Optional[dict]:
+    """A baseline stores its reference (None back); a quantized cell measures its KL against `ref` and caches it."""
+    if not cell.quantized:
+        kl_measure.reference_for_baseline(cell, backend, lm, remake=force)
+        return None
+    assert ref is not None
+    try:
+        result = kl_measure.measure(cell, backend, lm, ref)
+        if weights.fingerprint is None:  # nothing else ran: this was the first forward pass
+            weights.measure(backend, lm, cell.group_size)
+        _save(cell, cache.kl_dir(cell), weights, {}, kl=result, task="kl")
+        return result
+    except Exception as e:  # noqa: BLE001 - KL is measured besides the tasks: it never fails a cell
+        kl_measure.failed("the measurement", e)
+        return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -216,7 +247,8 @@ def _rank_out_dir(out_dir: Path) -> Iterator[Path]:
 def evaluate(cell: Cell, model_path: Optional[str], out_dir: Path, force: bool = False,
              profile_dir: Optional[Path] = None) -> EvalResult:
     """Evaluate the cell's tasks that have no finished result in the cache, then the speed benchmark if asked and
-    not cached. The model is loaded only if something is left to run."""
+    not cached, then KL (a baseline: its reference, if not stored; a quantized cell: its KL, if not cached). The
+    model is loaded only if something is left to run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     backend = backends.get(cell.eval["backend"])
@@ -229,9 +261,20 @@ def evaluate(cell: Cell, model_path: Optional[str], out_dir: Path, force: bool =
     todo = [k for k in cell.tasks if k not in hits]
     measure_speed = bool(cell.speed_key) and speed_hit is None
     speed = speed_hit.speed if speed_hit else None
+    kl_on = kl_measure.wanted(cell, backend.name)
+    kl_hit = _cached_kl(cell, force) if kl_on else None
+    if kl_hit:
+        weights.take(kl_hit)
+    # the KL work left: a baseline's reference when not stored, a quantized cell's KL when not cached
+    measure_kl = kl_on and (kl_hit is None if cell.quantized else force or not kl_measure.has_reference(cell))
+    kl_ref, kl_result = None, kl_hit.kl if kl_hit else None
     load_s = 0.0
     with profiling.for_stage(cell, "evaluate", profile_dir, rank=process.rank()) as prof:
-        if todo or measure_speed:
+        if measure_kl and cell.quantized:  # before the checkpoint is loaded: the base model may have to be, first
+            with prof.phase("kl_reference"):
+                kl_ref = kl_measure.reference_for_quantized(cell, backend.device(cell.eval))
+            measure_kl = kl_ref is not None
+        if todo or measure_speed or measure_kl:
             with prof.phase("load"):
                 t_load = time.perf_counter()
                 if weights.model_path is None:
@@ -246,13 +289,16 @@ def evaluate(cell: Cell, model_path: Optional[str], out_dir: Path, force: bool =
         if measure_speed:
             with prof.phase("benchmark"):
                 speed = _run_speed(cell, backend, lm, weights, first_pass=not todo)
+        if measure_kl:
+            with prof.phase("kl"):
+                kl_result = _run_kl(cell, backend, lm, kl_ref, weights, force)
 
     per_task = {k: per_task[k] for k in cell.tasks}  # the suite's order
     result = EvalResult(
         tasks=per_task, suite=results.suite_score(per_task), reused_tasks=sorted(hits), evaluated_tasks=todo,
-        speed=speed, speed_reused=speed_hit is not None, weights_in_memory=weights.in_memory,
-        model_path=weights.model_path, fingerprint=weights.fingerprint,
-        device=backend.device(cell.eval) if (todo or measure_speed) else None, backend=backend.name,
+        speed=speed, speed_reused=speed_hit is not None, kl=kl_result, kl_reused=kl_hit is not None,
+        weights_in_memory=weights.in_memory, model_path=weights.model_path, fingerprint=weights.fingerprint,
+        device=backend.device(cell.eval) if (todo or measure_speed or measure_kl) else None, backend=backend.name,
         speed_note=backend.speed_note, wall_s={"load": round(load_s, 2), "total": round(time.perf_counter() - t0, 2)},
     )
     if process.is_main():

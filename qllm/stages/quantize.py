@@ -115,8 +115,9 @@ def _prepared_source(cell: Cell) -> str:
     return source
 
 
-def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, list[str]]:
-    """Calibration data + llmcompressor's oneshot; (calibration tokens, samples, the workarounds used)."""
+def _oneshot(cell: Cell, model: Any, tokenizer: Any, manifest: Manifest) -> tuple[int, int, list[str]]:
+    """Calibration data + llmcompressor's oneshot; (calibration tokens, samples, the workarounds used). A mixed
+    recipe is resolved first from the sensitivity table (recorded in the manifest with the allocation)."""
     from llmcompressor import oneshot
 
     from . import compat
@@ -125,9 +126,11 @@ def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, list[str
     kwargs: dict = {}
     n_tokens = n_samples = 0
     workarounds = []
+    recipe = cell.recipe
     if cell.calibration:
         ds = calibration_dataset(cell.calibration, tokenizer, cell.data_dir)
         n_tokens, n_samples = sum(len(r) for r in ds["input_ids"]), len(ds)  # all ranks' samples together
+        recipe = _sensitivity(cell, model, tokenizer, ds, manifest)
         if process.world_size() > 1:
             ds = compat.calibration_shard(ds, process.rank(), process.world_size())
             workarounds.append("calibration samples split across ranks by qllm (llmcompressor's own split "
@@ -142,8 +145,51 @@ def _oneshot(cell: Cell, model: Any, tokenizer: Any) -> tuple[int, int, list[str
     if process.world_size() > 1 and compat.gptq_broadcast_unshared_cpu_modules():
         workarounds.append("llmcompressor broadcasts CPU modules' quantized weights across ranks")
     with _autocast(cell.calibration):
-        oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(cell.recipe, sort_keys=False), **kwargs)
+        oneshot(model=model, tokenizer=tokenizer, recipe=yaml.safe_dump(recipe, sort_keys=False), **kwargs)
     return n_tokens, n_samples, workarounds
+
+
+def _sensitivity(cell: Cell, model: Any, tokenizer: Any, ds: Any, manifest: Manifest) -> dict:
+    """The recipe to run: a mixed recipe resolved by its allocation over the sensitivity table (measured on the
+    unquantized model, or taken from the cache); with profile.sensitivity the cell's table is measured too."""
+    from ..sensitivity import analysis, mixed
+    from ..sensitivity.allocate import allocate
+
+    spec = mixed.spec(cell.recipe)
+    if cell.profile.get("sensitivity") and cell.sensitivity:
+        settings = analysis.Settings.of({**cell.sensitivity, "ignore": _ignore(cell.recipe)})
+        table = analysis.load_or_measure(model, tokenizer, cell.model, cell.calibration or {}, cell.data_dir,
+                                         cell.cache_dir, settings, ds)
+        manifest.sensitivity = {"key": table.key, "entry": str(analysis.table_dir(cell.cache_dir, cell.model["name"],
+                                                                                  table.key)), "wall_s": table.wall_s}
+    if spec is None:
+        return cell.recipe
+    cands = mixed.candidates(spec)
+    labels = [c.label for c in cands]
+    settings = analysis.Settings(candidates=tuple(cands), reference="gptq-w4g64" if "gptq-w4g64" in labels
+                                 else labels[0], ignore=tuple(_ignore(cell.recipe)), e2e_layers=0,
+                                 actorder=spec.get("actorder"),
+                                 dampening_frac=cell.recipe["quant_stage"]["quant_modifiers"]["GPTQModifier"]
+                                 .get("dampening_frac", 0.01))
+    table = analysis.load_or_measure(model, tokenizer, cell.model, cell.calibration or {}, cell.data_dir,
+                                     cell.cache_dir, settings, ds)
+    alloc = allocate(table.sqnr, table.params, table.in_features, cands, spec["target_bits"], table.scale_bits)
+    print(f"[qllm] quantize: mixed precision: {alloc.counts} layers, {alloc.avg_bits:.3f} bits per weight "
+          f"(budget {alloc.target_bits:g})", flush=True)
+    recipe = mixed.resolve(cell.recipe, alloc)
+    manifest.allocation, manifest.applied_recipe = alloc.to_dict(), recipe
+    manifest.sensitivity = manifest.sensitivity or {
+        "key": table.key, "entry": str(analysis.table_dir(cell.cache_dir, cell.model["name"], table.key)),
+        "wall_s": table.wall_s}
+    return recipe
+
+
+def _ignore(recipe: dict) -> list[str]:
+    """The layers the cell's recipe leaves unquantized (its quantizing modifier's `ignore`)."""
+    for kwargs in (recipe.get("quant_stage", {}).get("quant_modifiers") or {}).values():
+        if "ignore" in kwargs:
+            return list(kwargs["ignore"])
+    return ["lm_head"]
 
 
 def _autocast(calibration: dict | None) -> contextlib.AbstractContextManager:
@@ -170,17 +216,17 @@ def _quantize(cell: Cell, out: Path, force: bool, prof: profiling.StageProfiler)
         model, tokenizer = _load(cell)
     t_load = time.perf_counter() - t0
     print(f"[qllm] quantize: {cell.name} ({cell.scheme}) ...", flush=True)
-    t1 = time.perf_counter()
-    with prof.phase("quantize"):  # calibration data + oneshot: the cost of making this checkpoint
-        n_tokens, n_samples, workarounds = _oneshot(cell, model, tokenizer)
-    t_quant = time.perf_counter() - t1
     manifest = Manifest(
         cell_quant_key=cell.quant_key, model=cell.model, method=cell.method, bits=cell.bits, scheme=cell.scheme,
-        recipe=cell.recipe, calibration=cell.calibration, calibration_tokens=n_tokens, calibration_samples=n_samples,
-        versions=cell.quant_versions, python=platform.python_version(),
-        device="cuda" if torch.cuda.is_available() else "cpu",
-        workarounds=workarounds, ranks=process.world_size(),
+        recipe=cell.recipe, calibration=cell.calibration, versions=cell.quant_versions,
+        python=platform.python_version(), device="cuda" if torch.cuda.is_available() else "cpu",
+        ranks=process.world_size(),
     )
+    t1 = time.perf_counter()
+    with prof.phase("quantize"):  # calibration data + oneshot: the cost of making this checkpoint
+        n_tokens, n_samples, manifest.workarounds = _oneshot(cell, model, tokenizer, manifest)
+    t_quant = time.perf_counter() - t1
+    manifest.calibration_tokens, manifest.calibration_samples = n_tokens, n_samples
     if not process.is_main():
         # compressing for the save is collective in llmcompressor (compressed-tensors splits the modules across the
         # ranks); only the main rank writes files, the others take part and write nowhere that lasts

@@ -4,6 +4,9 @@
     quantized/<cell>-<quant_key>/       quantized checkpoints + qllm_manifest.json (sizes and sha256 of every file)
     evals/<cell>-<task>-<task_key>/     one finished task evaluation (summary + per-sample records)
     speed/<cell>-<speed_key>/           one finished speed benchmark
+    kl_reference/<kl_reference_key>/    a base model's next-token distributions on the KL token set (top-k; made once)
+    kl/<cell>-<kl_key>/                 one quantized cell's KL against that reference
+    sensitivity/<model>-<table_key>/    a model's per-layer SQNR table (qllm.sensitivity; table.json)
     judgments/<judge_key>/              a judge's verdicts, one file per question asked (qllm.judge.grading)
 
 (`<cell>` is `<model>-<method>-<w{bits} or the baseline's dtype>`.) Entry names are a contract with users' caches:
@@ -32,7 +35,9 @@ if TYPE_CHECKING:
 
 MANIFEST = "qllm_manifest.json"
 EVAL_RESULT = "result.json"
-KINDS = ("quantized", "models", "evals", "speed", "judgments")
+KINDS = ("quantized", "models", "evals", "speed", "judgments", "kl_reference", "kl", "sensitivity")
+SENSITIVITY_TABLE = "table.json"  # in a sensitivity entry
+KL_REFERENCE, KL_REFERENCE_INFO = "reference.pt", "reference.json"  # a kl_reference entry: tensors, settings
 LEFTOVER_MARKS = (".tmp-", ".old-", ".corrupt-")  # hidden dirs of killed writes, replaced or quarantined entries
 # full: sha256 of every file before reuse (default; ~1 GB/s); size: sizes only, for checkpoints of hundreds of GB
 VERIFY_ENV = "QLLM_CACHE_VERIFY"
@@ -61,6 +66,21 @@ def speed_dirs(cell: Cell) -> list[Path]:
     name = f"{cell.model['name']}-{cell.method}-{cell.bits_label}"
     return [Path(cell.cache_dir) / "speed" / f"{name}-{cell.speed_key}",
             Path(cell.cache_dir) / "evals" / f"{name}-speed-{cell.speed_key}"]
+
+
+def kl_reference_dir(cell: Cell) -> Path:
+    """The base model's KL reference: shared by the baseline and every quantized cell of that model (same settings)."""
+    return Path(cell.cache_dir) / "kl_reference" / str(cell.kl_reference_key)
+
+
+def kl_dir(cell: Cell) -> Path:
+    """The cell's KL against its baseline."""
+    return Path(cell.cache_dir) / "kl" / f"{cell.model['name']}-{cell.method}-{cell.bits_label}-{cell.kl_key}"
+
+
+def sensitivity_dir(cache_dir: str, model_name: str, table_key: str) -> Path:
+    """A model's sensitivity table (its key: qllm.sensitivity.analysis.table_key)."""
+    return Path(cache_dir) / "sensitivity" / f"{model_name}-{table_key}"
 
 
 def judgments_dir(cache_dir: str, judge_key: str) -> Path:

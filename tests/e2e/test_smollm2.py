@@ -83,3 +83,15 @@ def test_size_and_memory_of_the_real_model(runs):
         assert r["metrics.mem/evaluate/load/peak_rss_gb"] > loaded, key
     for key in (("rtn", "3"), ("gptq", "3")):
         assert runs[key]["metrics.quantize/peak_rss_gb"] > runs[key]["metrics.size/weights_in_memory_gb"]
+
+
+def test_kl_against_the_baseline_orders_like_the_damage(runs):
+    """Issue 14 on SmolLM2: the quantized cells' KL from the baseline's stored reference grows as bits fall, top-1
+    agreement falls, and GPTQ diverges less than RTN at 3 bits; the baseline logs no KL of its own."""
+    kl = {k: r["metrics.kl/mean"] for k, r in runs.items() if k != ("none", "none")}
+    top1 = {k: r["metrics.kl/top1_agreement"] for k, r in runs.items() if k != ("none", "none")}
+    assert 0 < kl[("rtn", "8")] < kl[("rtn", "3")] < kl[("rtn", "2")], kl
+    assert kl[("gptq", "3")] < kl[("rtn", "3")], kl
+    assert top1[("rtn", "8")] > top1[("rtn", "3")] > top1[("rtn", "2")] and top1[("rtn", "8")] > 0.95, top1
+    assert "metrics.kl/mean" not in runs[("none", "none")] or runs[("none", "none")]["metrics.kl/mean"] != \
+        runs[("none", "none")]["metrics.kl/mean"]  # absent (NaN in the DataFrame)

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import mlflow_runs, run_qllm
 
-TINY = ["model=tiny-random-llama", "calibration=wikitext2-small", "task.tasks.arc_easy_offline.limit=4",
+TINY = ["model=tiny-random-llama", "profile.kl=false", "calibration=wikitext2-small", "task.tasks.arc_easy_offline.limit=4",
         "task.tasks.wikitext_offline.limit=1", "task.tasks.wikitext_offline.max_doc_tokens=128", "eval.log_samples=true"]
 
 
