@@ -164,7 +164,7 @@ def iso_memory(an: Analysis, out: Path) -> Result:
                 h = ax.scatter(r["size_gb"], r["value"], marker=mk(r["model"]), s=40, zorder=3,
                                facecolors="none" if r["estimated"] else c, edgecolors=c, linewidths=1.2)
                 handles.setdefault(_who(r["model"], r["method"]), h)
-                ax.annotate("base" if r["method"] == "none" else f"w{r['bits']}", (r["size_gb"], r["value"]),
+                ax.annotate(_point_label(r), (r["size_gb"], r["value"]),
                             textcoords="offset points", xytext=(4, 3), fontsize=7)
             front = stats.pareto_front(g["size_gb"].tolist(), g["value"].tolist(), higher)
             if front:
@@ -180,6 +180,13 @@ def iso_memory(an: Analysis, out: Path) -> Result:
             ax.set_ylabel(_ylabel(g["unit"].iloc[0], higher))
             ax.set_title(task)
         return _finish(fig, handles, "Iso-memory: score vs model size", out, "iso_memory"), notes
+
+
+def _point_label(r) -> str:
+    """A point's tag: "base", "w4", or a mixed cell's budget and candidates (the part of its label after the method)."""
+    if r["method"] == "none":
+        return "base"
+    return r["cell"].split(" · ", 1)[1] if r["method"] == "mixed" else f"w{r['bits']}"
 
 
 def _mixed_vs_front(g, task: str, higher: bool) -> list[str]:
@@ -324,7 +331,7 @@ def cost(an: Analysis, out: Path) -> Result:
             for _, r in g.iterrows():
                 h = ax.scatter(r[col], r[ycol], color=method_color(r["method"]), marker=mk(r["model"]), s=40)
                 handles.setdefault(_who(r["model"], r["method"]), h)
-                ax.annotate("base" if r["method"] == "none" else f"w{r['bits']}", (r[col], r[ycol]),
+                ax.annotate(_point_label(r), (r[col], r[ycol]),
                             textcoords="offset points", xytext=(4, 3), fontsize=7)
             ax.set_xlabel(label)
             ax.set_ylabel(ylabel)

@@ -94,9 +94,19 @@ class CellRun:
     @property
     def label(self) -> str:
         """"gptq · w4" or "none · float32" (as in the run name, without the model and the task)."""
-        weights = (f"{self.params.get('model.dtype', 'base')}" if self.is_baseline or self.bits in ("", "none")
-                   else f"w{self.bits}")
-        return f"{self.method} · {weights}{self.backend_label}"
+        return f"{self.method} · {self.weights_label}{self.backend_label}"
+
+    @property
+    def weights_label(self) -> str:
+        """"w4", the baseline's dtype, or a mixed cell's budget and the candidates it used ("≤4.5b w4ch/w4g64/w8g64":
+        two mixed cells of one budget differ by their candidates, and `bits` only labels them)."""
+        if self.is_baseline or self.bits in ("", "none"):
+            return self.params.get("model.dtype", "base")
+        if self.method == "mixed" and "mixed/target_bits" in self.metrics:
+            used = sorted(k.removeprefix("mixed/layers/").removeprefix("gptq-") for k, v in self.metrics.items()
+                          if k.startswith("mixed/layers/") and v > 0)
+            return f"≤{self.metrics['mixed/target_bits']:g}b {'/'.join(used)}"
+        return f"w{self.bits}"
 
     @property
     def backend_label(self) -> str:
