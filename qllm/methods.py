@@ -26,6 +26,23 @@ class Recipe:
     def quant(self) -> "Scheme":
         return scheme_of(self.modifiers)
 
+    @property
+    def schemes(self) -> list["Scheme"]:
+        """Every scheme its layers may get: a planned `mixed` recipe's candidates (each must have a kernel on the
+        backend), else its one scheme."""
+        mixed = self.modifiers.get("QllmMixedPrecision")
+        if mixed is None:
+            return [self.quant]
+        from .sensitivity.candidates import parse
+
+        return [Scheme("int", c.bits, c.symmetric, c.group_size) for c in parse(list(mixed["candidates"]))]
+
+    @property
+    def tied_fused(self) -> bool:
+        """Whether fused projections (q/k/v, gate/up) share one scheme: true of every single-scheme recipe."""
+        mixed = self.modifiers.get("QllmMixedPrecision")
+        return mixed is None or bool(mixed.get("tie_fused"))
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -139,10 +156,12 @@ def fp8(bits: int, ignore: list[str]) -> Recipe:
 
 def mixed(bits: int, ignore: list[str], target_bits: float = 4.5,
           candidates: Optional[list[str]] = None, actorder: Optional[str] = "static", dampening_frac: float = 0.01,
-          block_size: int = 128) -> Recipe:
+          block_size: int = 128, tie_fused: bool = False) -> Recipe:
     """Per-layer (bits, group size) chosen by qllm.sensitivity from each layer's measured SQNR, under an average of
     `target_bits` stored bits per quantized weight; GPTQ quantizes every layer at its choice. The layers' choices
-    are made in the quantize stage (they need the model): the recipe planned here is the spec, in the quant key."""
+    are made in the quantize stage (they need the model): the recipe planned here is the spec, in the quant key.
+    `tie_fused`: one choice for each block's q/k/v and gate/up (vLLM fuses them into one layer of one scheme); in the
+    spec only when set, so the keys of untied cells stay as they were."""
     import math
 
     from .sensitivity.candidates import parse
@@ -158,7 +177,7 @@ def mixed(bits: int, ignore: list[str], target_bits: float = 4.5,
                               f"~{cheapest:.2f} bits per weight; valid: >= that")
     groups = [c.group_size for c in cands if c.group_size]
     spec = {"candidates": [c.label for c in cands], "target_bits": float(target_bits), "objective": "summed_nsr",
-            "actorder": actorder}
+            "actorder": actorder, **({"tie_fused": True} if tie_fused else {})}
     gptq = {"ignore": list(ignore), "dampening_frac": dampening_frac, "block_size": block_size}
     widths = "/".join(f"W{b}" for b in sorted({c.bits for c in cands}))
     return Recipe(f"mixed {widths} int (<= {target_bits:g} bits/weight, per-layer by SQNR)",

@@ -63,8 +63,12 @@ def plan_cell(cfg: DictConfig, check_sources: bool = True) -> Cell:
     backend = backends.get(ev["backend"])
     _check_eval(ev)
     if check_sources:
-        backend.validate(ev, model, recipe.quant if bits else Scheme(),
-                         functools.partial(_model_config, model, data_dir, cache_dir))
+        for scheme in recipe.schemes if bits else [Scheme()]:  # a mixed recipe: every candidate needs a kernel
+            backend.validate(ev, model, scheme, functools.partial(_model_config, model, data_dir, cache_dir))
+    if bits and backend.fuses_projections and not recipe.tied_fused:
+        raise QllmConfigError(f"eval={ev['backend']} fuses each block's q/k/v and gate/up projections into one layer "
+                              "that takes one scheme, but method=mixed chooses per layer: set "
+                              "method.settings.tie_fused=true (one choice per fused group), or evaluate with eval=hf")
     judge = _plan_judge(c["judge"], task_entries, data_dir, check_sources) if cells.has_dialogue(task_entries) \
         else None
     profile = c["profile"]

@@ -153,7 +153,7 @@ def _sensitivity(cell: Cell, model: Any, tokenizer: Any, ds: Any, manifest: Mani
     """The recipe to run: a mixed recipe resolved by its allocation over the sensitivity table (measured on the
     unquantized model, or taken from the cache); with profile.sensitivity the cell's table is measured too."""
     from ..sensitivity import analysis, mixed
-    from ..sensitivity.allocate import allocate
+    from ..sensitivity.allocate import allocate, fused_units
 
     spec = mixed.spec(cell.recipe)
     if cell.profile.get("sensitivity") and cell.sensitivity:
@@ -173,7 +173,8 @@ def _sensitivity(cell: Cell, model: Any, tokenizer: Any, ds: Any, manifest: Mani
                                  .get("dampening_frac", 0.01))
     table = analysis.load_or_measure(model, tokenizer, cell.model, cell.calibration or {}, cell.data_dir,
                                      cell.cache_dir, settings, ds)
-    alloc = allocate(table.sqnr, table.params, table.in_features, cands, spec["target_bits"], table.scale_bits)
+    alloc = allocate(table.sqnr, table.params, table.in_features, cands, spec["target_bits"], table.scale_bits,
+                     units=fused_units(list(table.sqnr)) if spec.get("tie_fused") else None)
     print(f"[qllm] quantize: mixed precision: {alloc.counts} layers, {alloc.avg_bits:.3f} bits per weight "
           f"(budget {alloc.target_bits:g})", flush=True)
     recipe = mixed.resolve(cell.recipe, alloc)

@@ -71,3 +71,30 @@ def test_a_budget_below_the_cheapest_candidate_is_refused() -> None:
     table, params, width = _table(5, 0)
     with pytest.raises(QllmConfigError, match="cheapest candidates already need"):
         allocate(table, params, width, CANDS, 3.0)
+
+
+def test_fused_units_group_what_vllm_fuses() -> None:
+    from qllm.sensitivity.allocate import fused_units
+
+    layers = [f"model.layers.{b}.{p}" for b in (0, 1) for p in
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")]
+    units = fused_units(layers)
+    assert len(units) == 2 * 4  # per block: qkv, o, gate_up, down
+    assert ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+            "model.layers.1.self_attn.v_proj"] in units
+    assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in units
+    assert ["model.layers.0.mlp.down_proj"] in units
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tied_units_take_one_candidate_and_stay_in_budget(seed: int) -> None:
+    table, params, width = _table(40, seed)
+    units = [[f"l{i}", f"l{i + 1}", f"l{i + 2}"] for i in range(0, 39, 3)] + [["l39"]]
+    tied = allocate(table, params, width, CANDS, 4.5, units=units)
+    assert all(len({tied.choice[ly] for ly in u}) == 1 for u in units)
+    assert _cost(tied.choice, params, width) <= 4.5 * sum(params.values()) + 1e-6
+    free = allocate(table, params, width, CANDS, 4.5)
+    assert free.objective <= tied.objective + 1e-12  # a constraint can only cost noise
+    with pytest.raises(ValueError, match="cover every layer"):
+        allocate(table, params, width, CANDS, 4.5, units=units[:-1])

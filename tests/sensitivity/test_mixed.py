@@ -36,16 +36,19 @@ def test_bad_mixed_cells_are_refused_at_planning(override: str, match: str) -> N
         compose_cell(TINY + [override])
 
 
-def test_the_checkpoint_has_the_allocation_per_layer(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("tie, target", [(False, 4.6), (True, 4.3)])  # budgets that force a mix of the units
+def test_the_checkpoint_has_the_allocation_per_layer(tie: bool, target: float, tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    from qllm.sensitivity.allocate import fused_units
     from qllm.stages import quantize
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cell = compose_cell(TINY + ["method.settings.candidates=[gptq-w3g64,gptq-w4g64,gptq-w8g64]",
-                                "method.settings.target_bits=4.6", f"cache_dir={tmp_path}", f"data_dir={data_dir}"])
+                                f"method.settings.target_bits={target}", f"method.settings.tie_fused={str(tie).lower()}",
+                                f"cache_dir={tmp_path}", f"data_dir={data_dir}"])
     result = quantize.quantize(cell)
     alloc = result.manifest.allocation
-    assert alloc and alloc["avg_bits"] <= 4.6 + 1e-9
+    assert alloc and alloc["avg_bits"] <= target + 1e-9
     assert len(set(alloc["choice"].values())) >= 2, alloc["counts"]  # a real mix at this budget
     config = json.loads((Path(result.checkpoint) / "config.json").read_text())["quantization_config"]
     saved = {}
@@ -54,6 +57,9 @@ def test_the_checkpoint_has_the_allocation_per_layer(tmp_path: Path, data_dir: P
             saved[layer] = (group["weights"]["num_bits"], group["weights"]["group_size"])
     expected = {layer: (int(lb.split("-w")[1][0]), int(lb.split("g")[-1])) for layer, lb in alloc["choice"].items()}
     assert saved == expected
+    if tie:  # what vLLM fuses got one scheme: q/k/v of a block, gate/up of a block
+        units = [u for u in fused_units(sorted(saved)) if len(u) > 1]
+        assert len(units) == 4 and all(len({saved[ly] for ly in u}) == 1 for u in units)
     stats = sizes.checkpoint_stats(result.checkpoint)
     # the allocation's bit count is the checkpoint's (values, scales, shape tensors)
     assert stats["bits_per_weight_quantized"] == pytest.approx(alloc["avg_bits"], abs=1e-3)

@@ -61,10 +61,25 @@ def _scheme_fields(family: str) -> tuple:
     (["method=none", "eval.tensor_parallel_size=0"], r"eval.tensor_parallel_size must be a positive integer"),
     (["method=none", "eval.data_parallel_size=2"], r"data parallelism through ray, which the vLLM environment lacks"),
     (["method=smoothquant", "bits=8", "eval.cpu_int4_w4a8=true"], r"eval.cpu_int4_w4a8=true cannot apply"),
+    # method=mixed: every candidate needs a kernel (W8A16 has none on CPU), and fused projections one scheme
+    (["method=mixed"], r"W8A16 sym checkpoint on cpu: vLLM-CPU has no 8-bit"),
+    (["method=mixed", "method.settings.candidates=[gptq-w4ch,gptq-w4g64]"],
+     r"fuses each block's q/k/v and gate/up .* set method.settings.tie_fused=true"),
 ])
 def test_a_cell_vllm_cannot_run_is_refused_at_planning(overrides, match, data_dir):
     with pytest.raises(QllmConfigError, match=match):
         compose_cell([*SMOL, *overrides])
+
+
+@needs_env
+def test_a_tied_4_bit_mixed_cell_plans_for_vllm(data_dir):
+    cell = compose_cell([*SMOL, "method=mixed", "method.settings.candidates=[gptq-w4ch,gptq-w4g64]",
+                         "method.settings.tie_fused=true"])
+    untied = compose_cell(["model=smollm2-135m-instruct", "task=arc_easy_offline", "method=mixed",
+                           "method.settings.candidates=[gptq-w4ch,gptq-w4g64]"])
+    assert cell.recipe["quant_stage"]["quant_modifiers"]["QllmMixedPrecision"]["tie_fused"] is True
+    assert "tie_fused" not in untied.recipe["quant_stage"]["quant_modifiers"]["QllmMixedPrecision"]
+    assert cell.quant_key != untied.quant_key  # another allocation, another checkpoint
 
 
 @needs_env

@@ -55,6 +55,8 @@ class EvalBackend(Protocol):
     speed_tag: ClassVar[str]  # the short form, tag qllm.eval_speed of every cell
     # distributions whose versions change its results: they enter the cell key (only this backend's)
     libraries: ClassVar[tuple[str, ...]]
+    # whether it fuses projections (q/k/v, gate/up) into one layer, which then needs one scheme for all of them
+    fuses_projections: ClassVar[bool]
 
     def validate(self, settings: dict, model: dict, scheme: Scheme,
                  config: Callable[[], Optional[dict]]) -> None:

@@ -42,6 +42,7 @@ class HFBackend:
     name: ClassVar[str] = "hf"
     config: ClassVar[type] = HFConfig
     speed_kind: ClassVar[str] = "dense"
+    fuses_projections: ClassVar[bool] = False
     speed_note: ClassVar[str] = ("hf (dense weights: compressed-tensors checkpoints are decompressed on load; this is "
                                  "dense speed, not the speed of low-bit kernels)")
     speed_tag: ClassVar[str] = "dense (hf backend decompresses weights)"

@@ -306,6 +306,7 @@ class VLLMBackend:
     name: ClassVar[str] = "vllm"
     config: ClassVar[type] = VLLMConfig
     speed_kind: ClassVar[str] = "low-bit kernels"
+    fuses_projections: ClassVar[bool] = True
     # the checkpoint runs on vLLM's quantized kernels as stored, timed through LLM.generate (scheduling included)
     speed_note: ClassVar[str] = "vllm (low-bit kernels)"
     speed_tag: ClassVar[str] = "vllm (low-bit kernels)"
