@@ -118,12 +118,6 @@ def table_key(model: dict, calibration: dict, settings: Settings) -> str:
                    "versions": versions(QUANT_LIBS)})
 
 
-def table_dir(cache_dir: str, model_name: str, key: str) -> Path:
-    from ..store.cache import sensitivity_dir
-
-    return sensitivity_dir(cache_dir, model_name, key)
-
-
 def measure(model: Any, samples: Any, settings: Settings, key: str,
             log: Callable[[str], None] = say) -> tuple[Table, dict[str, Any]]:
     """The SQNR table of `model` (unquantized, in memory) on the calibration `samples` (input_ids rows), and each
@@ -256,22 +250,36 @@ def wikitext_token_docs(tokenizer: Any, data_dir: str, docs: int, doc_tokens: in
     return out
 
 
+def _reusable(path: Path, settings: Settings) -> Optional[Table]:
+    """The cached table at `path`, unless it is missing or lacks the end-to-end check `settings` ask for (the key
+    leaves that check out: a table made without it, or with another one, is measured again)."""
+    if not path.is_file():
+        return None
+    table = Table.from_dict(json.loads(path.read_text()))
+    if settings.e2e_layers > 0 and (table.e2e or {}).get("settings") != e2e_settings(settings):
+        return None
+    return table
+
+
 def load_or_measure(model: Any, tokenizer: Any, model_conf: dict, calibration: dict, data_dir: str,
                     cache_dir: str, settings: Settings, samples: Any, force: bool = False,
                     log: Callable[[str], None] = say) -> Table:
-    """The cached table (same key), or one measured now and cached (with its end-to-end check)."""
+    """The cached table (same key, and the end-to-end check these settings ask for), or one measured now and cached
+    (with its end-to-end check)."""
     from ..store import cache
 
     key = table_key(model_conf, calibration, settings)
-    entry = table_dir(cache_dir, model_conf["name"], key)
+    entry = cache.sensitivity_dir(cache_dir, model_conf["name"], key)
     path = entry / cache.SENSITIVITY_TABLE
-    if not force and path.is_file():
+    cached = None if force else _reusable(path, settings)
+    if cached is not None:
         log(f"[qllm] sensitivity: reusing the table {entry.name} (force=true measures again)")
         cache.touch(entry)
-        return Table.from_dict(json.loads(path.read_text()))
+        return cached
     with cache.locked(entry):
-        if not force and path.is_file():  # made by a parallel job meanwhile
-            return Table.from_dict(json.loads(path.read_text()))
+        cached = None if force else _reusable(path, settings)  # made by a parallel job meanwhile
+        if cached is not None:
+            return cached
         table, moments = measure(model, samples, settings, key, log)
         docs = wikitext_token_docs(tokenizer, data_dir, settings.e2e_docs, settings.e2e_doc_tokens)
         table.e2e = end_to_end(model, table, settings, docs, moments, log)

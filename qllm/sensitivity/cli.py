@@ -6,7 +6,6 @@ sensitivity). The table is cached: `method=mixed` and `profile.sensitivity` cell
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -74,17 +73,10 @@ def run(overrides: list[str], seeds: list[int], out: Path | None, force: bool, l
         calib = {**calibration, "seed": seed}
         ds = calibration_dataset(calib, tokenizer, cell.data_dir)
         s = settings if i == 0 else analysis.Settings(**{**settings.__dict__, "e2e_layers": 0})
-        key = analysis.table_key(cell.model, calib, s)
-        cached = analysis.table_dir(cell.cache_dir, cell.model["name"], key) / "table.json"
-        # the first seed's table needs its end-to-end check: measure again if a cached one was made without it (or
-        # with other settings)
-        redo = force or (i == 0 and s.e2e_layers > 0 and cached.is_file()
-                         and json.loads(cached.read_text()).get("e2e", {}).get("settings")
-                         != analysis.e2e_settings(s))
         print(f"[qllm] sensitivity: {cell.model['name']}, calibration seed {seed}: {len(ds)} x "
               f"{calib['max_seq_len']} tokens, {len(s.candidates)} candidates", flush=True)
         tables.append(analysis.load_or_measure(model, tokenizer, cell.model, calib, cell.data_dir, cell.cache_dir,
-                                               s, ds, force=redo))
+                                               s, ds, force=force))
     wall = time.perf_counter() - t0
     main_table = tables[0]
     ref = settings.reference

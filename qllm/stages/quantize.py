@@ -160,8 +160,7 @@ def _sensitivity(cell: Cell, model: Any, tokenizer: Any, ds: Any, manifest: Mani
         settings = analysis.Settings.of({**cell.sensitivity, "ignore": _ignore(cell.recipe)})
         table = analysis.load_or_measure(model, tokenizer, cell.model, cell.calibration or {}, cell.data_dir,
                                          cell.cache_dir, settings, ds)
-        manifest.sensitivity = {"key": table.key, "entry": str(analysis.table_dir(cell.cache_dir, cell.model["name"],
-                                                                                  table.key)), "wall_s": table.wall_s}
+        manifest.sensitivity = _table_record(cell, table)
     if spec is None:
         return cell.recipe
     cands = mixed.candidates(spec)
@@ -179,10 +178,16 @@ def _sensitivity(cell: Cell, model: Any, tokenizer: Any, ds: Any, manifest: Mani
           f"(budget {alloc.target_bits:g})", flush=True)
     recipe = mixed.resolve(cell.recipe, alloc)
     manifest.allocation, manifest.applied_recipe = alloc.to_dict(), recipe
-    manifest.sensitivity = manifest.sensitivity or {
-        "key": table.key, "entry": str(analysis.table_dir(cell.cache_dir, cell.model["name"], table.key)),
-        "wall_s": table.wall_s}
+    manifest.sensitivity = manifest.sensitivity or _table_record(cell, table)
     return recipe
+
+
+def _table_record(cell: Cell, table: Any) -> dict:
+    """What the manifest says of the sensitivity table a cell used: its key, cache entry and measuring time."""
+    from ..store.cache import sensitivity_dir
+
+    return {"key": table.key, "entry": str(sensitivity_dir(cell.cache_dir, cell.model["name"], table.key)),
+            "wall_s": table.wall_s}
 
 
 def _ignore(recipe: dict) -> list[str]:
