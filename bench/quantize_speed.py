@@ -2,14 +2,19 @@
 on SmolLM2 with the default calibration (64 x 512 WikiText-2 tokens), and the WikiText-2 perplexity of each
 checkpoint, so a faster setting is only taken if its checkpoint is as good.
 
-    python bench/quantize_speed.py                       # the five rows below (~80 min on 2 busy cores)
+    python bench/quantize_speed.py                       # the six rows below (~85 min on 2 busy cores)
     python bench/quantize_speed.py --rows awq-after,gptq-after --ppl-docs 10
 
 Rows (each a `python -m qllm.run` cell with force=true, so nothing is reused; one fresh store per row):
   awq-before   llmcompressor's defaults: n_grid=20, calibration batch 1, the grid search under the eager attention
-               that calibration forces (QLLM_COMPAT_OFF=awq_sdpa_grid_search)
-  awq-after    method.settings.n_grid=<--awq-n-grid>, the grid search's attention through SDPA (compat.py)
+               that calibration forces, every grid point a forward (QLLM_COMPAT_OFF=awq_sdpa_grid_search,
+               awq_linear_loss_by_gram)
+  awq-after    method.settings.n_grid=<--awq-n-grid>, with qllm's two grid-search fixes (compat.py): attention
+               through SDPA, and Linear parents (down_proj) scored by the inputs' Gram matrix
   awq-autocast as awq-after, with calibration.autocast=<--awq-autocast>: the calibration forwards' GEMMs in bf16
+  awq-fast     as awq-autocast, with calibration.propagate_error=false: no second (propagation) pass per layer, the
+               next layer calibrates on the first pass's outputs (for AWQ equal up to rounding: smoothing is an
+               equivalence transform and quantization is off during calibration)
   gptq-before  calibration batch 1
   gptq-after   calibration.batch_size=<--gptq-batch>
 
@@ -41,9 +46,12 @@ def rows(a: argparse.Namespace) -> dict[str, tuple[str, list[str], dict[str, str
         + ([f"method.settings.duo_scaling={a.awq_duo_scaling}"] if a.awq_duo_scaling != "true" else []) \
         + ([f"calibration.batch_size={a.awq_batch}"] if a.awq_batch > 1 else [])
     return {
-        "awq-before": ("awq", ["method=awq", "bits=4"], {"QLLM_COMPAT_OFF": "awq_sdpa_grid_search"}),
+        "awq-before": ("awq", ["method=awq", "bits=4"],
+                       {"QLLM_COMPAT_OFF": "awq_sdpa_grid_search,awq_linear_loss_by_gram"}),
         "awq-after": ("awq", awq_after, {}),
         "awq-autocast": ("awq", [*awq_after, f"calibration.autocast={a.awq_autocast}"], {}),
+        "awq-fast": ("awq", [*awq_after, f"calibration.autocast={a.awq_autocast}", "calibration.propagate_error=false"],
+                     {}),
         "gptq-before": ("gptq", ["method=gptq", "bits=4"], {}),
         "gptq-after": ("gptq", ["method=gptq", "bits=4", f"calibration.batch_size={a.gptq_batch}"], {}),
     }
@@ -80,7 +88,7 @@ def fmt(v: float | None, digits: int = 1) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="awq-before,awq-after,awq-autocast,gptq-before,gptq-after")
+    p.add_argument("--rows", default="awq-before,awq-after,awq-autocast,awq-fast,gptq-before,gptq-after")
     p.add_argument("--awq-n-grid", type=int, default=6, help="AWQ grid points in the after row (>= 3)")
     p.add_argument("--awq-duo-scaling", default="true", choices=["true", "false", "both"],
                    help="AWQ's duo_scaling in the after and autocast rows (false: activation-only scales, n_grid points)")

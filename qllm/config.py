@@ -117,6 +117,13 @@ class CalibrationConfig:
     # saved checkpoint stay in the model's dtype. Refused with GPTQ (its Hessian would be accumulated in the low
     # dtype), so with smoothquant too (its recipe ends with GPTQ); in the quant key only when set. On a CPU with AMX bf16 GEMMs are ~4x faster than fp32
     autocast: Optional[str] = None
+    # llmcompressor's sequential pipeline runs each layer twice: once to calibrate, once more after the modifier has
+    # changed it, so the next layer calibrates on the changed layer's outputs (oneshot's propagate_error). false skips
+    # the second pass and feeds the next layer the first pass's outputs. For AWQ the two differ only by rounding
+    # (smoothing is an equivalence transform and quantization is disabled during calibration): one forward per layer
+    # saved. For GPTQ false is another algorithm (each layer calibrated on unquantized inputs). In the quant key only
+    # when false
+    propagate_error: bool = True
     seed: int = 0
 
 

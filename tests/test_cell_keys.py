@@ -103,6 +103,14 @@ def test_calibration_autocast_enters_the_quant_key_only_when_set(plan):
     assert off.quant_key == default.quant_key != bf16.quant_key
 
 
+def test_calibration_propagate_error_enters_the_quant_key_only_when_false(plan):
+    """The second (propagation) pass is llmcompressor's default and how every earlier checkpoint was made."""
+    on, default, off = (plan(["method=awq", *extra]) for extra in
+                        (["calibration.propagate_error=true"], [], ["calibration.propagate_error=false"]))
+    assert on.quant_key == default.quant_key != off.quant_key
+    assert off.calibration["propagate_error"] is False
+
+
 @pytest.mark.parametrize("name", ["default", "rtn-speed-log-samples", "tiny-none"])
 def test_kl_settings_enter_no_key_of_a_cell(plan, name):
     """KL against the baseline is measured besides (like the memory profile): every `profile.kl*` setting leaves a

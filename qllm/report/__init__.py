@@ -9,6 +9,18 @@ written to a folder and logged to MLflow as a run of kind `report`.
     build.py    the whole report and its MLflow run
 """
 
-from .build import Report, build_report
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["Report", "build_report"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazily: `qllm.run` imports qllm.report.consistency for every cell, and build pulls in matplotlib and pandas
+    # plotting (~1.5 s per orchestrator start)
+    if name in __all__:
+        from . import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

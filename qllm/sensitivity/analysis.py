@@ -114,7 +114,9 @@ def table_key(model: dict, calibration: dict, settings: Settings) -> str:
     s = settings.identity()
     for k in ("e2e_layers", "e2e_docs", "e2e_doc_tokens", "e2e_candidate", "reference"):
         s.pop(k)
-    return digest({"model": ident, "calibration": hashed_calibration(calibration), "settings": s,
+    # propagate_error is how the quantize stage's pipeline passes layers' outputs on, not what the table measures
+    calib = hashed_calibration({k: v for k, v in calibration.items() if k != "propagate_error"})
+    return digest({"model": ident, "calibration": calib, "settings": s,
                    "versions": versions(QUANT_LIBS)})
 
 

@@ -170,14 +170,16 @@ def _run_kl(cell: Cell, backend: EvalBackend, lm: Any, ref: Optional[dict], weig
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def _task_manager() -> Any:
-    """One lm-eval TaskManager per stage process, shared by its tasks: building one indexes every task YAML lm-eval
-    ships (measured: 9-12 s on 2 cores), and simple_evaluate builds a new one per call unless it is given one. The
-    same metadata simple_evaluate would give it (the LM is an object, so no model_args: {})."""
+@functools.lru_cache(maxsize=2)
+def _task_manager(registered: bool) -> Any:
+    """One lm-eval TaskManager per stage process, shared by its tasks, with the same metadata simple_evaluate would
+    give it (the LM is an object, so no model_args: {}); simple_evaluate builds a new one per call unless given one.
+    Indexing every task YAML lm-eval ships (~14,000 files parsed: 9-12 s on 2 cores) is only needed for a task
+    passed by its registered name: an inline config (the offline twins, any task with its own `lm_eval:` fields)
+    is built from the dict alone (lm-eval 0.4.13 `TaskManager._load_spec`: a dict never consults the index)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(metadata={})
+    return TaskManager(metadata={}, include_defaults=registered)
 
 
 def _evaluate_task(cell: Cell, backend: EvalBackend, lm: Any, key: str, out_dir: Path) -> TaskResult:
@@ -197,7 +199,7 @@ def _evaluate_task(cell: Cell, backend: EvalBackend, lm: Any, key: str, out_dir:
     res = simple_evaluate(
         model=lm,
         tasks=[task],
-        task_manager=_task_manager(),
+        task_manager=_task_manager(isinstance(task, str)),
         num_fewshot=entry["num_fewshot"] if isinstance(task, str) else None,  # inline configs carry their own
         gen_kwargs=spec.gen_kwargs(entry),
         limit=entry["limit"],

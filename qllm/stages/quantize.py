@@ -136,12 +136,15 @@ def _oneshot(cell: Cell, model: Any, tokenizer: Any, manifest: Manifest) -> tupl
             workarounds.append("calibration samples split across ranks by qllm (llmcompressor's own split "
                                "feeds every rank the same samples)")
         kwargs = dict(dataset=ds, num_calibration_samples=len(ds), max_seq_length=cell.calibration["max_seq_len"],
-                      batch_size=cell.calibration.get("batch_size", 1))
+                      batch_size=cell.calibration.get("batch_size", 1),
+                      propagate_error=cell.calibration.get("propagate_error", True))
     if "AWQModifier" in cell.recipe["quant_stage"]["quant_modifiers"]:
         if compat.awq_cpu_pin_memory():
             workarounds.append("llmcompressor AWQ pin_memory on CPU skipped")
         if compat.awq_sdpa_grid_search(model):
             workarounds.append("llmcompressor AWQ grid search runs attention as SDPA (calibration forces eager)")
+        if compat.awq_linear_loss_by_gram():
+            workarounds.append("llmcompressor AWQ grid search scores Linear parents by the inputs' Gram matrix")
     if process.world_size() > 1 and compat.gptq_broadcast_unshared_cpu_modules():
         workarounds.append("llmcompressor broadcasts CPU modules' quantized weights across ranks")
     with _autocast(cell.calibration):

@@ -1,10 +1,12 @@
-"""compat.py's AWQ grid-search patch: what it switches, when it stays off, and that the checkpoint it gives equals the
-unpatched one (the tiny random model, in process, through llmcompressor's own oneshot)."""
+"""compat.py's AWQ grid-search patches: what they switch, when they stay off, and that the checkpoint they give equals
+the unpatched one; and oneshot's propagate_error=false for AWQ (the tiny random model, in process, through
+llmcompressor's own oneshot)."""
 
 from __future__ import annotations
 
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -55,7 +57,7 @@ def test_grid_search_calls_see_sdpa_and_tracing_keeps_eager(monkeypatch: pytest.
     assert attention.config._attn_implementation == "eager"  # restored for the traced subgraphs
 
 
-def _awq_tiny(source: str, patched: bool) -> dict[str, torch.Tensor]:
+def _awq_tiny(source: str, patched: bool, hook: Any = None, **oneshot_args: Any) -> dict[str, torch.Tensor]:
     import datasets
     import yaml
     from llmcompressor import oneshot
@@ -68,9 +70,11 @@ def _awq_tiny(source: str, patched: bool) -> dict[str, torch.Tensor]:
     compat.awq_cpu_pin_memory()
     if patched:
         assert compat.awq_sdpa_grid_search(model)
+    if hook is not None:
+        hook(model)
     recipe = awq(4, ["lm_head"], 32, n_grid=6).as_llmcompressor()
     oneshot(model=model, tokenizer=AutoTokenizer.from_pretrained(source), dataset=ds, num_calibration_samples=8,
-            recipe=yaml.safe_dump(recipe, sort_keys=False), max_seq_length=64)
+            recipe=yaml.safe_dump(recipe, sort_keys=False), max_seq_length=64, **oneshot_args)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -88,3 +92,55 @@ def test_patched_awq_checkpoint_equals_unpatched(tmp_path: Path, restore_awq: No
     for k in plain:
         if plain[k].is_floating_point():
             torch.testing.assert_close(fast[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.fixture
+def restore_best_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(awq_base.AWQModifier, "_compute_best_scale", awq_base.AWQModifier._compute_best_scale)
+    monkeypatch.setattr(awq_base.AWQModifier, "_qllm_original_compute_best_scale", None, raising=False)
+    monkeypatch.delattr(awq_base.AWQModifier, "_qllm_original_compute_best_scale")
+
+
+def test_gram_loss_checkpoint_equals_the_library_grid_search(tmp_path: Path, restore_awq: None,
+                                                             restore_best_scale: None, monkeypatch) -> None:
+    """The down_proj mappings scored by trace(dW H dW^T) choose the scales the library's forwards choose: the same
+    checkpoint (to float32 rounding), and those mappings really were scored that way."""
+    from qllm.planning import compose_cell
+    from qllm.sources import models
+
+    cell = compose_cell(["model=tiny-random-llama"])
+    source = models.prepare(cell.model, cell.data_dir, str(tmp_path))
+    plain = _awq_tiny(source, patched=True)
+    assert compat.awq_linear_loss_by_gram() and compat.awq_linear_loss_by_gram()  # twice: one level of wrapping
+    monkeypatch.setattr(compat, "GRAM_SCORED", [])
+    fast = _awq_tiny(source, patched=True)
+    # the tiny model's 2 layers: up_proj -> down_proj each (v_proj -> o_proj too where the shapes allow it)
+    assert sum(name.endswith("up_proj") for name in compat.GRAM_SCORED) == 2, compat.GRAM_SCORED
+    for k in plain:
+        if plain[k].is_floating_point():
+            torch.testing.assert_close(fast[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_awq_without_the_propagation_pass_gives_the_same_checkpoint(tmp_path: Path, restore_awq: None) -> None:
+    """calibration.propagate_error=false: each decoder layer runs once per sample instead of twice, and the
+    checkpoint is the same (AWQ's smoothing is an equivalence transform; quantization is off during calibration)."""
+    from qllm.planning import compose_cell
+    from qllm.sources import models
+
+    cell = compose_cell(["model=tiny-random-llama"])
+    source = models.prepare(cell.model, cell.data_dir, str(tmp_path))
+    calls = {True: 0, False: 0}
+
+    def counter(propagate: bool):  # forwards of the first layer's attention block (the grid search runs it too)
+        def hook(model):
+            def count(*_):
+                calls[propagate] += 1
+            model.model.layers[0].self_attn.q_proj.register_forward_hook(count)
+        return hook
+
+    two = _awq_tiny(source, patched=True, hook=counter(True), propagate_error=True)
+    one = _awq_tiny(source, patched=True, hook=counter(False), propagate_error=False)
+    assert calls[True] - calls[False] == 8, calls  # one propagation forward per calibration sample saved
+    for k in two:
+        if two[k].is_floating_point():
+            torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-6, msg=k)
