@@ -137,6 +137,8 @@ def end_group(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
 def _pump(proc: subprocess.Popen, log: Path, tail: collections.deque) -> None:
     """Copy the stage's output to our stdout and its log as it comes."""
     assert proc.stdout is not None
+    # the orchestrator's signals are for its main thread (see _wait): not for this one
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2})
     with open(log, "wb") as logf:
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
             with contextlib.suppress(ValueError, OSError):  # our stdout closed: keep the log going
@@ -145,6 +147,23 @@ def _pump(proc: subprocess.Popen, log: Path, tail: collections.deque) -> None:
             logf.write(chunk)
             logf.flush()
             tail.extend(chunk.splitlines(keepends=True))
+
+
+def _wait(proc: subprocess.Popen, timeout: Optional[float], slice_s: float = 0.5) -> None:
+    """proc.wait(timeout) in short slices. A signal (Ctrl-C, SIGTERM) may be delivered to any thread; if it lands on
+    the output pump while the main thread sits in one blocking waitpid, Python runs its handler only after the stage
+    has ended (seen under load: a Ctrl-C'd cell finished and exited 0). Waiting in slices returns to the interpreter
+    every slice, so the handler runs within one."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = slice_s if deadline is None else min(slice_s, deadline - time.monotonic())
+        if left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout or 0)
+        try:
+            proc.wait(timeout=left)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[str], port: int,
@@ -173,7 +192,7 @@ def run_stage(stage: str, cell: Cell, workdir: Path, launch: dict, args: list[st
     pump = threading.Thread(target=_pump, args=(proc, log, tail), name=f"qllm-{stage}-output", daemon=True)
     pump.start()
     try:
-        proc.wait(timeout=timeout)
+        _wait(proc, timeout)
     except subprocess.TimeoutExpired:
         end_group(proc)
         pump.join(timeout=10)

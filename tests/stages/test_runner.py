@@ -137,3 +137,57 @@ def test_free_ports_are_bindable():
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
     assert len(ports) >= 4
+
+
+def test_a_signal_caught_by_another_thread_interrupts_the_wait():
+    """A signal the OS hands to a thread other than the main one (the output pump, MLflow's monitor) does not
+    interrupt the main thread's waitpid; the wait returns to the interpreter in slices, so the handler runs within
+    one (seen under load: a Ctrl-C'd cell ran to the end and exited 0)."""
+    import subprocess
+    import sys
+    import threading
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(*_):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    busy = threading.Event()
+
+    def other_thread():
+        busy.set()
+        time.sleep(0.5)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # delivered to this thread, not the main one
+        time.sleep(0.5)
+
+    t = threading.Thread(target=other_thread)
+    try:
+        t.start()
+        busy.wait()
+        start = time.monotonic()
+        with pytest.raises(Interrupted):
+            runner._wait(proc, timeout=None)
+        assert time.monotonic() - start < 5, "the handler waited for the child to end"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        proc.kill()
+        proc.wait()
+        t.join()
+
+
+def test_wait_still_times_out():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        start = time.monotonic()
+        with pytest.raises(subprocess.TimeoutExpired):
+            runner._wait(proc, timeout=1.2)
+        assert 1.1 < time.monotonic() - start < 5
+    finally:
+        proc.kill()
+        proc.wait()
