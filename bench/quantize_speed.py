@@ -2,7 +2,7 @@
 on SmolLM2 with the default calibration (64 x 512 WikiText-2 tokens), and the WikiText-2 perplexity of each
 checkpoint, so a faster setting is only taken if its checkpoint is as good.
 
-    python bench/quantize_speed.py                       # the six rows below (~85 min on 2 busy cores)
+    python bench/quantize_speed.py                       # the six rows below (45-85 min on 2 cores, by machine)
     python bench/quantize_speed.py --rows awq-after,gptq-after --ppl-docs 10
 
 Rows (each a `python -m qllm.run` cell with force=true, so nothing is reused; one fresh store per row):

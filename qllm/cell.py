@@ -41,8 +41,8 @@ HASHED_AS = (("py:qllm.tasks.twins.", "py:qllm.twins."), ("py:qllm.tasks.wikitex
 # Task-entry fields added after keys were first defined (issue 12: tasks lm-eval does not run), with their defaults:
 # hashed only when set, so every earlier task keeps its key.
 ADDED_FIELDS = {"runner": None, "settings": {}}
-# Calibration fields added after keys were first defined (issue 13: oneshot's batch_size and propagate_error, autocast), hashed only when set, so
-# every earlier checkpoint keeps its quant key.
+# Calibration fields added after keys were first defined (issue 13: oneshot's batch_size and propagate_error,
+# autocast), hashed only when set, so every earlier checkpoint keeps its quant key.
 CALIBRATION_ADDED = {"batch_size": 1, "autocast": None, "propagate_error": True}
 # What makes a judge's verdicts differ (JudgeConfig): in the cell key of dialogue cells and in judgment keys.
 JUDGE_IDENTITY = ("kind", "base_url", "model", "temperature", "max_tokens", "server", "server_version", "dtype",
