@@ -199,6 +199,9 @@ def _total_need(ctx: Context) -> float:
 def _evaluate_refusal(ctx: Context, opts: list[Option]) -> str:
     a, w, c = ctx.arch, ctx.work, ctx.cluster
     what = f"the {w.dtype} baseline" if not w.quantized else f"the {w.method} w{w.bits} checkpoint"
+    # the table's row shows the closest launch, which may be vLLM's: say whose need this is
+    dense = (f" on eval={w.backend} (dense weights beside the compressed ones)"
+             if w.quantized and w.backend != "vllm" else "")
     have = (f"{c.nodes}×{c.gpus_per_node}×{c.gpu_memory_gb:g} GB" if c.nodes > 1 else
             f"{c.gpus_per_node}×{c.gpu_memory_gb:g} GB") if c.has_gpu else f"{_gb(c.host_ram_gb)} GB of RAM, no GPU"
     where = "these nodes have" if c.nodes > 1 else "this node has"
@@ -229,7 +232,7 @@ def _evaluate_refusal(ctx: Context, opts: list[Option]) -> str:
             ways.append("eval.batch_size=1")
     if not c.has_gpu and not ways:
         ways.append("a GPU node (size one with plan.gpus=8xH100-80GB)")
-    return (f"needs ~{_gb(_total_need(ctx))} GB for {what} of {ctx.model_name}; {where} {have}"
+    return (f"needs ~{_gb(_total_need(ctx))} GB for {what} of {ctx.model_name}{dense}; {where} {have}"
             + (f": use {' or '.join(ways)}" if ways else ": no launch qllm knows fits it"))
 
 

@@ -205,3 +205,18 @@ def test_a_configured_vllm_tp_that_fits_is_kept():
     assert plan.fits and plan.launch == "vllm TP=8 (as configured)" and plan.needs == () and plan.devices == 8
     too_small = choose.plan_evaluate(ctx("llama-3.1-405b-instruct", w.but(tp=2), "8xH100-80GB"))
     assert too_small.launch == "vllm TP=4"  # TP=2 does not fit: the planner says what would
+
+
+def test_a_refused_checkpoint_on_hf_says_the_need_is_the_dense_backends():
+    """On a CPU node the closest launch may be vLLM's (compressed weights) while the cell runs on HF, which holds
+    the dense weights beside the compressed ones: the refusal names whose need it states."""
+    a, cpu = arch("llama-3.1-405b-instruct"), gpus.parse("cpu", host_ram_gb=25)
+    plan = choose.plan_evaluate(choose.Context("llama-3.1-405b-instruct", a, work("gptq", 4), cpu))
+    assert not plan.fits
+    assert "gptq w4 checkpoint of llama-3.1-405b-instruct on eval=hf (dense weights beside the compressed ones)" \
+        in plan.refusal
+    stated = float(plan.refusal.removeprefix("needs ~").split(" GB")[0])
+    dense = memory.dense_weights_gb(a, 2)
+    assert dense < stated < dense * 1.5 and stated > 3 * plan.per_device.total  # the row shows vLLM's compressed
+    baseline = choose.plan_evaluate(choose.Context("llama-3.1-405b-instruct", a, work(), cpu))
+    assert "on eval=" not in baseline.refusal
